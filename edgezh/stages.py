@@ -1,0 +1,75 @@
+"""The stage table: order, folder number, what enables each stage, what it reads, where its code is.
+
+A stage module exposes `VERSION` (bump it when its outputs change for the same inputs),
+`run(cfg, inputs, out) -> dict` (writes under `out`, returns facts for the manifest's `info`)
+and optionally `fingerprint(cfg) -> dict` (identity of files outside the build it reads).
+`module=None` marks a stage this version of edgezh does not have yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from edgezh.recipe import Recipe
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    section: str  # the recipe section that configures it (for messages)
+    enabled: Callable[[Recipe], bool]
+    config: Callable[[Recipe], Any]  # what the stage reads from the recipe (hashed into its key)
+    needs: Callable[[Recipe], list[str]]  # stages whose artifacts it reads
+    module: str | None
+    summary: str
+
+    @property
+    def available(self) -> bool:
+        return self.module is not None
+
+
+def _trained(r: Recipe) -> bool:
+    return r.sft is not None or r.dpo is not None
+
+
+def _weights(r: Recipe) -> list[str]:
+    """The stage that holds the final 16-bit weights."""
+    return ["merge"] if _trained(r) else ["base"]
+
+
+STAGES: tuple[StageSpec, ...] = (
+    StageSpec("base", "base", lambda r: True, lambda r: r.base, lambda r: [],
+              "edgezh.models.base_stage", "resolve the base model into a safetensors folder with its chat format"),
+    StageSpec("data", "data", lambda r: r.data is not None, lambda r: r.data, lambda r: ["base"],
+              None, "read, mix, split and encode the training data"),
+    StageSpec("sft", "sft", lambda r: r.sft is not None, lambda r: r.sft, lambda r: ["base", "data"],
+              None, "supervised fine-tuning (TRL; LoRA/QLoRA/full; DeepSpeed)"),
+    StageSpec("dpo", "dpo", lambda r: r.dpo is not None, lambda r: r.dpo,
+              lambda r: ["base", "data"] + (["sft"] if r.sft else []), None, "preference tuning (TRL DPO)"),
+    StageSpec("merge", "sft/dpo", _trained, lambda r: r.merge,
+              lambda r: ["base"] + (["dpo"] if r.dpo else ["sft"]), None, "fold the adapter into the 16-bit base"),
+    StageSpec("gguf", "export.gguf", lambda r: r.export.gguf is not None,
+              lambda r: {"name": r.name, "outtype": r.export.gguf.outtype}, _weights, None, "write GGUF with gguf-py"),
+    StageSpec("quantize", "export.gguf.quantize", lambda r: r.export.gguf is not None and bool(r.export.gguf.quantize),
+              lambda r: {"name": r.name, "types": r.export.gguf.quantize}, lambda r: ["gguf"], None, "quantize with llama.cpp"),
+    StageSpec("gptq", "export.gptq", lambda r: r.export.gptq is not None, lambda r: r.export.gptq,
+              lambda r: _weights(r) + ["data"], None, "4-bit GPTQ with GPTQModel"),
+    StageSpec("modelfile", "modelfile", lambda r: r.modelfile is not None, lambda r: r.modelfile,
+              lambda r: ["base", "gguf"] + (["quantize"] if r.export.gguf and r.export.gguf.quantize else []), None, "Ollama Modelfiles"),
+    StageSpec("eval", "eval", lambda r: r.eval is not None, lambda r: r.eval,
+              lambda r: [s.name for s in STAGES[:-1] if s.enabled(r)], None, "quality report"),
+)
+
+NAMES = tuple(s.name for s in STAGES)
+
+
+def spec(name: str) -> StageSpec:
+    for s in STAGES:
+        if s.name == name:
+            return s
+    raise KeyError(name)
+
+
+def folder_name(name: str) -> str:
+    return f"{NAMES.index(name) + 1:02d}-{name}"
