@@ -40,7 +40,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "build":  # key=value overrides may come after the flags too
+        args.overrides += [item for item in extra if "=" in item and not item.startswith("-")]
+        extra = [item for item in extra if item not in args.overrides]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from edgezh.errors import UserError
     from edgezh.progress import console
 
