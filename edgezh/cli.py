@@ -35,6 +35,30 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("explain", help="print a recipe section's fields with types, defaults and docs")
     e.add_argument("section", nargs="?", default="", help="dotted section, e.g. sft.lora (empty: top level)")
 
+    m = sub.add_parser("merge", help="fold a LoRA adapter into its 16-bit base, shard by shard")
+    m.add_argument("base", help="the original 16-bit base model folder (never a 4-bit one)")
+    m.add_argument("adapter", help="peft adapter folder")
+    m.add_argument("-o", "--output", required=True, help="output folder")
+    m.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+
+    c = sub.add_parser("convert", help="write a GGUF from a Hugging Face Llama-family folder")
+    c.add_argument("model", help="model folder (safetensors)")
+    c.add_argument("-o", "--output", help="output .gguf (default: <folder>-<outtype>.gguf)")
+    c.add_argument("--outtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"])
+    c.add_argument("--template", help="chat format (default: detected from the folder)")
+    c.add_argument("--adapter", help="LoRA adapter folder to merge on the fly")
+
+    q = sub.add_parser("quantize", help="quantize a GGUF with llama.cpp's own quantizer")
+    q.add_argument("gguf", help="f32/f16/bf16 GGUF file")
+    q.add_argument("types", nargs="+", metavar="TYPE", help="q4_k_m, q4_k_s, q5_k_m, q5_k_s, q6_k, q8_0, …")
+    q.add_argument("-o", "--output-dir", help="folder for the results (default: beside the input)")
+
+    mf = sub.add_parser("modelfile", help="write an Ollama Modelfile beside a GGUF")
+    mf.add_argument("gguf", help="GGUF file")
+    mf.add_argument("--template", help="chat format (default: detected from the GGUF's template)")
+    mf.add_argument("--system", help="system prompt (default: the format's Chinese default)")
+    mf.add_argument("--num-ctx", type=int, default=4096)
+
     sub.add_parser("doctor", help="check the installation: versions, llama.cpp, CUDA, bitsandbytes, DeepSpeed, RAM, disk")
     return p
 
@@ -63,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
             from edgezh.commands.explain import explain
 
             return explain(args.section)
+        if args.command in ("merge", "convert", "quantize", "modelfile"):
+            from edgezh.commands import export
+
+            return getattr(export, f"{args.command}_cmd")(args)
         if args.command == "doctor":
             from edgezh.commands.doctor import doctor
 

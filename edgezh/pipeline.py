@@ -12,6 +12,7 @@ import importlib
 import json
 import logging
 import os
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -207,6 +208,25 @@ def write_build_manifest(plan: Plan) -> Path:
     return path
 
 
+def publish_exports(plan: Plan) -> Path | None:
+    """Gather the files that stages list in `info["exports"]` (GGUFs, Modelfiles) side by side in
+    `<root>/export/` as hard links (copies across file systems), so `FROM ./x.gguf` resolves."""
+    files = [(s.artifact.path / name) for s in plan.steps if s.artifact for name in s.artifact.info.get("exports", [])]
+    if not files:
+        return None
+    final = plan.root / "export"
+    tmp = fresh_tmp(final)
+    for path in files:
+        try:
+            os.link(path, tmp / path.name)
+        except OSError:
+            shutil.copy2(path, tmp / path.name)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
 def run_plan(plan: Plan, on_step=None) -> None:
     """Run the plan in order. A step's key is recomputed once its inputs exist, so a stage
     downstream of a rebuilt one stays cached when the rebuilt outputs hash the same.
@@ -230,4 +250,5 @@ def run_plan(plan: Plan, on_step=None) -> None:
         run_step(plan, step)
         if on_step:
             on_step(step, "done")
+    publish_exports(plan)
     write_build_manifest(plan)

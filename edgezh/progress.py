@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)  # progress, status, errors
-out = Console(highlight=False)  # what a command prints as its result (tables, plans)
+out = Console(highlight=False, soft_wrap=True)  # what a command prints as its result (tables, plans)
 T = TypeVar("T")
 
 

@@ -210,6 +210,14 @@ class GGUFConfig(Section):
     outtype: GGUFOutType = Field("f16", description="Type of the converted file; the quantized files are made from it.")
     quantize: list[QuantType] = Field(default_factory=lambda: ["q4_k_m"], description="llama.cpp quantization targets.")
 
+    @model_validator(mode="after")
+    def _sources(self) -> "GGUFConfig":
+        if self.quantize and self.outtype == "q8_0":
+            raise ValueError("quantize from an f16/bf16/f32 outtype, not q8_0 (llama.cpp would requantize)")
+        if len(set(self.quantize)) != len(self.quantize):
+            raise ValueError("quantize lists a type twice")
+        return self
+
 
 class GPTQConfig(Section):
     """4-bit GPTQ checkpoint (GPTQModel), calibrated on the recipe's own training data."""

@@ -34,8 +34,8 @@ def _trained(r: Recipe) -> bool:
 
 
 def _weights(r: Recipe) -> list[str]:
-    """The stage that holds the final 16-bit weights."""
-    return ["merge"] if _trained(r) else ["base"]
+    """The base (chat format, provenance) and, after training, the merged 16-bit weights."""
+    return ["base", "merge"] if _trained(r) else ["base"]
 
 
 STAGES: tuple[StageSpec, ...] = (
@@ -48,28 +48,16 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("dpo", "dpo", lambda r: r.dpo is not None, lambda r: r.dpo,
               lambda r: ["base", "data"] + (["sft"] if r.sft else []), None, "preference tuning (TRL DPO)"),
     StageSpec("merge", "sft/dpo", _trained, lambda r: r.merge,
-              lambda r: ["base"] + (["dpo"] if r.dpo else ["sft"]), None, "fold the adapter into the 16-bit base"),
+              lambda r: ["base"] + (["dpo"] if r.dpo else ["sft"]), "edgezh.export.merge_stage", "fold the adapter into the 16-bit base"),
     StageSpec("gguf", "export.gguf", lambda r: r.export.gguf is not None,
-              lambda r: {"name": r.name, "outtype": r.export.gguf.outtype}, _weights, None, "write GGUF with gguf-py"),
+              lambda r: {"name": r.name, "outtype": r.export.gguf.outtype}, _weights, "edgezh.export.gguf_stage", "write GGUF with gguf-py"),
     StageSpec("quantize", "export.gguf.quantize", lambda r: r.export.gguf is not None and bool(r.export.gguf.quantize),
-              lambda r: {"name": r.name, "types": r.export.gguf.quantize}, lambda r: ["gguf"], None, "quantize with llama.cpp"),
+              lambda r: {"name": r.name, "types": r.export.gguf.quantize}, lambda r: ["gguf"], "edgezh.export.quantize_stage", "quantize with llama.cpp"),
     StageSpec("gptq", "export.gptq", lambda r: r.export.gptq is not None, lambda r: r.export.gptq,
-              lambda r: _weights(r) + ["data"], None, "4-bit GPTQ with GPTQModel"),
+              lambda r: _weights(r) + ["data"], "edgezh.export.gptq_stage", "4-bit GPTQ with GPTQModel"),
     StageSpec("modelfile", "modelfile", lambda r: r.modelfile is not None, lambda r: r.modelfile,
-              lambda r: ["base", "gguf"] + (["quantize"] if r.export.gguf and r.export.gguf.quantize else []), None, "Ollama Modelfiles"),
+              lambda r: ["base", "gguf"] + (["quantize"] if r.export.gguf and r.export.gguf.quantize else []),
+              "edgezh.export.modelfile_stage", "Ollama Modelfiles"),
     StageSpec("eval", "eval", lambda r: r.eval is not None, lambda r: r.eval,
               lambda r: [s.name for s in STAGES[:-1] if s.enabled(r)], None, "quality report"),
 )
-
-NAMES = tuple(s.name for s in STAGES)
-
-
-def spec(name: str) -> StageSpec:
-    for s in STAGES:
-        if s.name == name:
-            return s
-    raise KeyError(name)
-
-
-def folder_name(name: str) -> str:
-    return f"{NAMES.index(name) + 1:02d}-{name}"

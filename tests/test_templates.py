@@ -443,8 +443,9 @@ def test_ollama_llama31_template_speaks_tools_like_the_jinja():
     ollama = templates.get("llama3.1").ollama
     instruction = re.search(r"set tool_instruction = '(.+?)' -%\}", templates.get("llama3.1").training).group(1)
     assert f"Environment: ipython\n\n{instruction}" in ollama
-    for needle in (".Tools", ".ToolCalls", "<|eom_id|>", "<|start_header_id|>ipython<|end_header_id|>",
-                   '{"name": "{{ .Function.Name }}", "parameters": {{ json .Function.Arguments }}}'):
+    call_line = ('{"name": "{{ .Function.Name }}", "parameters": '
+                 '{{ if .Function.Arguments }}{{ json .Function.Arguments }}{{ else }}{}{{ end }}}')
+    for needle in (".Tools", ".ToolCalls", "<|eom_id|>", "<|start_header_id|>ipython<|end_header_id|>", call_line):
         assert needle in ollama
 
 

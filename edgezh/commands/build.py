@@ -10,6 +10,7 @@ from rich.table import Table
 
 from edgezh import estimate
 from edgezh.errors import UserError
+from edgezh.export.modelfile import commands
 from edgezh.pipeline import Plan, PlanError, build_lock, make_plan, run_plan
 from edgezh.progress import console, out
 from edgezh.recipe_load import RecipeError, load_recipe
@@ -123,6 +124,15 @@ def _print_outputs(plan: Plan, recipe_arg: str) -> None:
         out.print(f"  {step.name:<10} {step.folder}")
     out.print(f"  manifest   {plan.root / 'manifest.json'}")
     out.print(f"  log        {plan.root / 'build.log'}")
+    export = plan.root / "export"
+    if export.is_dir():
+        out.print(f"  export     {export}/  ({', '.join(sorted(p.name for p in export.iterdir()))})")
+    modelfiles = next((s.artifact for s in done if s.name == "modelfile"), None)
+    if modelfiles is not None:
+        out.print("\nrun it with Ollama:")
+        for kind, model in modelfiles.info["models"].items():
+            first, second = commands(export, model, kind)
+            out.print(f"  {first}\n  {second}")
     remaining = [s.name for s in plan.steps if s.status == "skipped"]
     if remaining:
         out.print(f"next: `edgezh build {recipe_arg}` without --until runs {', '.join(remaining)}")

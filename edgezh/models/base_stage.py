@@ -29,10 +29,10 @@ def model_dir(artifact: Artifact) -> Path:
 
 def fingerprint(cfg: BaseConfig) -> dict:
     """Identity of the outside files the stage reads, so edits invalidate the cache."""
-    return _files_identity(resolve.local_source(cfg.path)) if cfg.path is not None else {}
+    return fingerprint_folder(resolve.local_source(cfg.path)) if cfg.path is not None else {}
 
 
-def _files_identity(source: Path) -> dict:
+def fingerprint_folder(source: Path) -> dict:
     files = [source] if source.is_file() else sorted(p for p in source.iterdir() if p.is_file())
     return {"path": str(source), "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
 
@@ -138,7 +138,7 @@ def _reference(cfg: BaseConfig, folder: Path, out: Path, source_kind: str) -> di
     source_dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
     if cfg.dtype in ("auto", source_dtype):
         # The artifact's one file names the referenced files, so its hash changes when they do.
-        (out / "source.json").write_text(json.dumps(_files_identity(folder), indent=1) + "\n", encoding="utf-8")
+        (out / "source.json").write_text(json.dumps(fingerprint_folder(folder), indent=1) + "\n", encoding="utf-8")
         return _info(config, params, template, source_dtype, source_kind, str(folder))
     with status(f"loading {folder.name} to convert to {cfg.dtype}"):
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=_torch_dtype(cfg.dtype), trust_remote_code=cfg.trust_remote_code,

@@ -1,0 +1,126 @@
+"""`edgezh merge | convert | quantize | modelfile`: the export stages as standalone commands."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from edgezh import templates
+from edgezh.artifacts import canonical_hash, commit, fresh_tmp, hash_outputs, read_manifest
+from edgezh.errors import UserError
+from edgezh.progress import out, status
+from edgezh.recipe import ModelfileConfig
+
+
+def _existing(path: str, what: str) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{p}: no such {what}")
+    return p
+
+
+def _folder_template(folder: Path, given: str | None) -> str:
+    """The chat format of an HF folder: given, or detected from its own template."""
+    if given:
+        templates.get(given)
+        return given
+    text = None
+    if (folder / "chat_template.jinja").is_file():
+        text = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    elif (folder / "tokenizer_config.json").is_file():
+        text = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
+    name = templates.detect(text if isinstance(text, str) else None)
+    if name is None:
+        raise UserError(f"{folder}: cannot tell its chat format; pass --template ({', '.join(templates.names())})")
+    return name
+
+
+def _gguf_template(path: Path, given: str | None) -> str:
+    if given:
+        templates.get(given)
+        return given
+    from gguf import GGUFReader
+
+    field = GGUFReader(path).fields.get("tokenizer.chat_template")
+    name = templates.detect(field.contents() if field is not None else None)
+    if name is None:
+        raise UserError(f"{path}: no chat template edgezh knows inside; pass --template ({', '.join(templates.names())})")
+    return name
+
+
+def merge_cmd(args) -> int:
+    from edgezh.export.merge import merge
+    from edgezh.models.base_stage import fingerprint_folder
+
+    base, adapter, dest = _existing(args.base, "base model folder"), _existing(args.adapter, "adapter folder"), Path(args.output)
+    adapter_files, _ = hash_outputs(adapter)
+    key = canonical_hash({"base": fingerprint_folder(base), "adapter": adapter_files, "dtype": args.dtype})
+    manifest = read_manifest(dest)
+    if manifest is not None and manifest.get("key") == key:
+        out.print(f"already merged: {dest} (same base, adapter and dtype)")
+        return 0
+    if dest.exists() and manifest is None:
+        raise UserError(f"{dest}: exists and is not an edgezh merge output; choose another -o")
+    tmp = fresh_tmp(dest)
+    try:
+        with status(f"merging {adapter.name} into {base.name}"):
+            info = merge(base, adapter, tmp, dtype=args.dtype)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    commit(tmp, dest, {"stage": "merge", "key": key, "info": info})
+    out.print(f"merged {info.get('tensors_changed', '?')} tensors → {dest}")
+    return 0
+
+
+def convert_cmd(args) -> int:
+    from edgezh.export.gguf_writer import convert
+
+    folder = _existing(args.model, "model folder")
+    template = _folder_template(folder, args.template)
+    dest = Path(args.output or f"{folder.resolve().name}-{args.outtype}.gguf")
+    adapter = None
+    if args.adapter:
+        from edgezh.export.lora import LoraAdapter
+
+        adapter = LoraAdapter.load(_existing(args.adapter, "adapter folder"))
+    with status(f"writing {dest} ({args.outtype}, chat format {template})"):
+        facts = convert(folder, dest, args.outtype, template=template, adapter=adapter)
+    out.print(f"{dest}: {facts.get('tensors')} tensors, {dest.stat().st_size / 2**20:.1f} MiB, pre-tokenizer {facts.get('pre_tokenizer')}")
+    return 0
+
+
+def quantize_cmd(args) -> int:
+    from edgezh.export.quantize import quantize
+
+    source = _existing(args.gguf, "GGUF file")
+    folder = Path(args.output_dir) if args.output_dir else source.parent
+    stem = source.name.removesuffix(".gguf")
+    for suffix in ("-f32", "-f16", "-bf16"):
+        stem = stem.removesuffix(suffix)
+    for qtype in args.types:
+        dest = folder / f"{stem}-{qtype}.gguf"
+        with status(f"llama.cpp quantize → {dest}"):
+            facts = quantize(source, dest, qtype)
+        fell = f", {len(facts['fallback'])} tensor(s) fell back: " + ", ".join(
+            f"{f['tensor']}→{f['type']}" for f in facts["fallback"][:4]) if facts["fallback"] else ""
+        out.print(f"{dest}: {facts['bytes'] / 2**20:.1f} MiB, {facts['bits_per_weight']} bits/weight{fell}")
+    return 0
+
+
+def modelfile_cmd(args) -> int:
+    from edgezh.export.modelfile import commands, render
+
+    source = _existing(args.gguf, "GGUF file")
+    template = _gguf_template(source, args.template)
+    stem = source.name.removesuffix(".gguf")
+    kind = stem.rsplit("-", 1)[-1] if "-" in stem else "gguf"
+    cfg = ModelfileConfig(system=args.system, num_ctx=args.num_ctx)
+    dest = source.parent / f"Modelfile.{kind}"
+    dest.write_text(render(source.name, template, cfg, title=f"{stem} — written by edgezh"), encoding="utf-8")
+    model = stem.replace(f"-{kind}", f":{kind}") if "-" in stem else stem
+    out.print(f"wrote {dest}")
+    for line in commands(source.parent, model, kind):
+        out.print(f"  {line}")
+    return 0

@@ -1,0 +1,1 @@
+"""Export: streaming LoRA merge, HF→GGUF, llama.cpp quantize, GPTQ, Ollama Modelfiles."""

@@ -1,0 +1,545 @@
+"""HF Llama-family folder → GGUF for llama.cpp, one tensor at a time, with gguf-py.
+
+``convert(model_dir, out_file, outtype, template=...)`` writes a GGUF that llama.cpp loads as ``llama``:
+
+- **Streaming.** Shapes and dtypes come from the safetensors headers, so every tensor's GGUF type and
+  size is planned before a byte is written (gguf-py's ``add_tensor_info``); the header, metadata and
+  tensor table are written, then each tensor is read, transformed, encoded and written on its own
+  (``write_tensor_data``) and dropped. Tensors are read with safetensors' ``pread`` backend: a
+  memory-mapped read leaves every touched page of the source resident in this process (the whole
+  model by the end), while ``pread`` keeps the resident set at about one tensor (source + output).
+  F16 converts straight from the source dtype; Q8_0/BF16 go through float32 in row chunks.
+- **Layout.** Names come from gguf-py's ``TensorNameMap``; Q/K weights (and biases) are permuted from
+  transformers' rotate-half RoPE layout to llama.cpp's interleaved one; 1-D tensors stay F32; Q8_0 is
+  used only for 2-D tensors whose rows are a multiple of 32 (others fall back to F16 and are listed in
+  the result). Llama 3.1 RoPE scaling (``rope_type: llama3``) becomes a ``rope_freqs`` tensor of
+  per-frequency divisors; tied embeddings (Llama 3.2, SmolLM2) write no ``output.weight``.
+- **Tokenizer.** GPT-2 style byte-level BPE from ``tokenizer.json``. The llama.cpp pre-tokenizer name is
+  identified from the ``pre_tokenizer`` definition itself (see ``PRE_TOKENIZERS``): an unknown definition
+  is an error, never a guess, because a wrong name silently changes how every text is split.
+- **Chat format.** The template registry is the only source: ``tokenizer.chat_template`` is the
+  format's inference template, EOS/EOT are its first stop token, ``add_bos_token`` is its BOS rule.
+- **Atomic.** The file is written to ``<out_file>.part`` and renamed; on any failure neither is left.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edgezh import templates
+from edgezh.errors import UserError
+from edgezh.models.resolve import check_safetensors, read_config
+
+if TYPE_CHECKING:
+    import torch
+
+    from edgezh.export.lora import LoraAdapter
+
+__all__ = ["PRE_TOKENIZERS", "SUPPORTED_OUTTYPES", "convert", "identify_pre_tokenizer", "llama3_rope_factors"]
+
+SUPPORTED_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+
+_ROPE_TYPES = ("default", "llama3")
+_QUANT_CHUNK_VALUES = 1 << 22  # values encoded per chunk for Q8_0/BF16 (16 MiB of float32)
+
+# --- pre-tokenizers -------------------------------------------------------------------------------
+
+_LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+PRE_TOKENIZERS: dict[str, dict[str, Any]] = {
+    # Meta's Llama 3 tokenizer.json (and transformers' conversion of Meta's tiktoken file):
+    # Llama 3's split regex, then byte-level mapping without GPT-2's own regex.
+    "llama-bpe": {
+        "type": "Sequence",
+        "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": _LLAMA3_REGEX}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False},
+        ],
+    },
+    # SmolLM/SmolLM2 on the hub: every digit on its own, then GPT-2's byte-level regex.
+    "smollm": {
+        "type": "Sequence",
+        "pretokenizers": [
+            {"type": "Digits", "individual_digits": True},
+            {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
+        ],
+    },
+    # Plain GPT-2 byte-level regex. This is also what transformers builds when it imports a GGUF whose
+    # pre-tokenizer it has no regex for (e.g. SmolLM2's "smollm": the digit split is lost on import).
+    "gpt-2": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
+}
+"""llama.cpp pre-tokenizer name → the ``tokenizer.json`` ``pre_tokenizer`` definition that splits text the
+same way (compared after dropping ``trim_offsets``, which only affects offsets, and unwrapping one-element
+sequences)."""
+
+_OFFSETS_ONLY_KEYS = {"trim_offsets"}
+
+
+def _canonical(node: Any) -> Any:
+    if isinstance(node, list):
+        return [_canonical(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    node = {key: _canonical(value) for key, value in node.items() if key not in _OFFSETS_ONLY_KEYS}
+    if node.get("type") == "Sequence" and isinstance(node.get("pretokenizers"), list) and len(node["pretokenizers"]) == 1:
+        return node["pretokenizers"][0]
+    return node
+
+
+def identify_pre_tokenizer(tokenizer: dict[str, Any], path: Path) -> str:
+    """The llama.cpp pre-tokenizer name for a parsed ``tokenizer.json``; UserError if it is none we know."""
+    if tokenizer.get("normalizer") not in (None, {}):
+        normalizer = tokenizer["normalizer"]
+        kind = normalizer.get("type", "?") if isinstance(normalizer, dict) else normalizer
+        raise UserError(f"{path}: the tokenizer has a {kind} normalizer, which llama.cpp's BPE tokenizer does not "
+                        "apply; a GGUF of it would tokenize differently from transformers")
+    definition = _canonical(tokenizer.get("pre_tokenizer"))
+    for name, known in PRE_TOKENIZERS.items():
+        if definition == _canonical(known):
+            return name
+    shown = json.dumps(tokenizer.get("pre_tokenizer"), ensure_ascii=False)
+    if len(shown) > 300:
+        shown = shown[:300] + "…"
+    raise UserError(f"{path}: unknown pre_tokenizer definition {shown}; edgezh knows the definitions of "
+                    f"llama.cpp's {', '.join(PRE_TOKENIZERS)} pre-tokenizers and will not guess another "
+                    "(a wrong one silently changes how text is split)")
+
+
+# --- config ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Hparams:
+    n_layers: int
+    hidden: int
+    ff: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    context: int
+    rms_eps: float
+    rope_theta: float
+    rope: dict[str, Any] | None  # llama3 scaling parameters, None for plain RoPE
+    tied: bool
+
+
+def _hparams(config: dict[str, Any], path: Path) -> _Hparams:
+    def need(key: str) -> Any:
+        if key not in config:
+            raise UserError(f"{path}: missing {key!r}")
+        return config[key]
+
+    hidden, n_head = int(need("hidden_size")), int(need("num_attention_heads"))
+    head_dim = int(config.get("head_dim") or hidden // n_head)
+    # transformers 5 writes `rope_parameters` (with rope_theta inside); older configs have top-level
+    # `rope_theta` and an optional `rope_scaling`. As in transformers, `rope_scaling` wins when both exist.
+    rope = dict(config.get("rope_scaling") or config.get("rope_parameters") or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in _ROPE_TYPES:
+        raise UserError(f"{path}: rope_type {rope_type!r} is not supported (supported: {', '.join(_ROPE_TYPES)})")
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise UserError(f"{path}: partial_rotary_factor {rope['partial_rotary_factor']} is not supported")
+    theta = next((value for value in (rope.get("rope_theta"), config.get("rope_theta"),
+                                      (config.get("rope_parameters") or {}).get("rope_theta")) if value), 10000.0)
+    return _Hparams(
+        n_layers=int(need("num_hidden_layers")),
+        hidden=hidden,
+        ff=int(need("intermediate_size")),
+        n_head=n_head,
+        n_head_kv=int(config.get("num_key_value_heads") or n_head),
+        head_dim=head_dim,
+        context=int(need("max_position_embeddings")),
+        rms_eps=float(config.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(theta),
+        rope=rope if rope_type == "llama3" else None,
+        tied=bool(config.get("tie_word_embeddings", False)),
+    )
+
+
+def llama3_rope_factors(theta: float, head_dim: int, rope: dict[str, Any]) -> np.ndarray:
+    """Llama 3.1 RoPE scaling as llama.cpp applies it: one divisor per frequency (``rope_freqs``), so that
+    ``base_freq / divisor`` is the scaled frequency transformers computes (``_compute_llama3_parameters``)."""
+    factor = float(rope.get("factor", 8.0))
+    low, high = float(rope.get("low_freq_factor", 1.0)), float(rope.get("high_freq_factor", 4.0))
+    old_context = float(rope.get("original_max_position_embeddings", 8192))
+    low_wavelen, high_wavelen = old_context / low, old_context / high
+    divisors = []
+    for i in range(0, head_dim, 2):
+        wavelen = 2 * math.pi * theta ** (i / head_dim)
+        if wavelen < high_wavelen:
+            divisors.append(1.0)
+        elif wavelen > low_wavelen:
+            divisors.append(factor)
+        else:
+            smooth = (old_context / wavelen - low) / (high - low)
+            divisors.append(1.0 / ((1.0 - smooth) / factor + smooth))
+    return np.asarray(divisors, dtype=np.float32)
+
+
+# --- tokenizer ------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Vocab:
+    pre: str
+    tokens: list[str]
+    types: list[int]
+    merges: list[str]
+    ids: dict[str, int]  # every token text → id
+    bos_id: int | None
+    pad_text: str | None
+
+
+def _token_content(entry: Any) -> str | None:
+    if isinstance(entry, str):
+        return entry
+    if isinstance(entry, dict) and isinstance(entry.get("content"), str):
+        return entry["content"]
+    return None
+
+
+def _read_vocab(model_dir: Path, n_vocab: int, config: dict[str, Any]) -> _Vocab:
+    import gguf
+
+    path = model_dir / "tokenizer.json"
+    try:
+        tokenizer = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid JSON ({exc})") from None
+    model = tokenizer.get("model") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        kind = f"{model.get('type')} model" + (" with byte fallback" if model.get("byte_fallback") else "")
+        raise UserError(f"{path}: the tokenizer is a {kind}; the GGUF writer handles byte-level BPE (Llama 3, SmolLM2)")
+    pre = identify_pre_tokenizer(tokenizer, path)
+
+    tokens: list[str | None] = [None] * n_vocab
+    types = [int(gguf.TokenType.NORMAL)] * n_vocab
+    ids: dict[str, int] = {}
+
+    def place(text: str, index: int, token_type: gguf.TokenType | None) -> None:
+        if not 0 <= index < n_vocab:
+            raise UserError(f"{path}: token {text!r} has id {index}, but the model's embedding has {n_vocab} rows")
+        tokens[index] = text
+        ids[text] = index
+        if token_type is not None:
+            types[index] = int(token_type)
+
+    for text, index in model["vocab"].items():
+        place(text, int(index), None)
+    for added in tokenizer.get("added_tokens") or []:
+        # special tokens are matched only when parsing specials; other added tokens always (USER_DEFINED)
+        kind = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+        place(added["content"], int(added["id"]), kind)
+    for index, text in enumerate(tokens):
+        if text is None:  # embedding rows beyond the tokenizer (padded vocabularies)
+            tokens[index] = f"[PAD{index}]"
+            types[index] = int(gguf.TokenType.UNUSED)
+
+    merges = []
+    for merge in model.get("merges") or []:
+        if isinstance(merge, str):
+            merges.append(merge)
+        else:  # [left, right] pairs (tokenizers ≥ 0.20); a literal space inside would make "a b" ambiguous
+            merges.append(" ".join(part.replace(" ", "\u0120") for part in merge))
+
+    tokenizer_config_path = model_dir / "tokenizer_config.json"
+    tokenizer_config: dict[str, Any] = {}
+    if tokenizer_config_path.is_file():
+        try:
+            tokenizer_config = json.loads(tokenizer_config_path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise UserError(f"{tokenizer_config_path}: not valid JSON ({exc})") from None
+    bos_text = _token_content(tokenizer_config.get("bos_token"))
+    bos_id = ids.get(bos_text) if bos_text else None
+    if bos_id is None and isinstance(config.get("bos_token_id"), int):
+        bos_id = config["bos_token_id"]
+    return _Vocab(pre=pre, tokens=tokens, types=types, merges=merges, ids=ids, bos_id=bos_id,  # type: ignore[arg-type]
+                  pad_text=_token_content(tokenizer_config.get("pad_token")))
+
+
+# --- tensors --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    hf_name: str | None  # None for tensors computed here (rope_freqs)
+    shard: Path | None
+    name: str  # GGUF name
+    shape: tuple[int, ...]  # numpy order (rows, columns)
+    qtype: Any  # gguf.GGMLQuantizationType
+    permute_heads: int | None  # Q/K: heads for the RoPE permutation
+
+    @property
+    def nbytes(self) -> int:
+        import gguf
+
+        block, size = gguf.GGML_QUANT_SIZES[self.qtype]
+        return math.prod(self.shape) // block * size
+
+
+def _plan(model_dir: Path, hp: _Hparams, outtype: str) -> tuple[list[_Tensor], list[str], bool, int]:
+    """Every tensor to write, in order; the tensors that fell back to F16; whether output is tied; n_vocab."""
+    import gguf
+
+    shards = sorted(model_dir.glob("*.safetensors"))
+    if not shards:
+        raise UserError(f"{model_dir}: no *.safetensors weights")
+    wanted = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+              "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[outtype]
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, hp.n_layers)
+    allowed = set(gguf.MODEL_TENSORS[gguf.MODEL_ARCH.LLAMA])
+    skipped_kinds = set(gguf.MODEL_TENSOR_SKIP.get(gguf.MODEL_ARCH.LLAMA, ()))
+
+    sources: dict[str, tuple[Path, list[int]]] = {}
+    for shard in shards:
+        for hf_name, info in check_safetensors(shard).items():
+            if hf_name in sources:
+                raise UserError(f"{shard}: tensor {hf_name} is also in {sources[hf_name][0].name}")
+            sources[hf_name] = (shard, list(info["shape"]))
+    for required in ("model.embed_tokens.weight", "model.norm.weight"):
+        if required not in sources:
+            raise UserError(f"{model_dir}: the weights have no {required}")
+    has_head = "lm_head.weight" in sources
+    if not hp.tied and not has_head:
+        raise UserError(f"{model_dir / 'config.json'}: tie_word_embeddings is false but the weights have no lm_head.weight")
+
+    plan: list[_Tensor] = []
+    fallbacks: list[str] = []
+    if hp.rope is not None:
+        name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
+        plan.append(_Tensor(None, None, name, (hp.head_dim // 2,), gguf.GGMLQuantizationType.F32, None))
+    for hf_name, (shard, shape) in sources.items():
+        if hp.tied and hf_name == "lm_head.weight":
+            continue  # tied: llama.cpp reuses token_embd; transformers ignores a stored copy as well
+        found = name_map.get_type_and_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if found is not None and found[0] in skipped_kinds:
+            continue  # e.g. rotary_emb.inv_freq buffers: llama.cpp computes RoPE itself
+        if found is None or found[0] not in allowed:
+            raise UserError(f"{shard}: tensor {hf_name} has no place in a llama GGUF")
+        kind, name = found
+        if len(shape) == 1:
+            qtype = gguf.GGMLQuantizationType.F32
+        elif wanted == gguf.GGMLQuantizationType.Q8_0 and shape[-1] % 32 != 0:
+            qtype = gguf.GGMLQuantizationType.F16
+            fallbacks.append(name)
+        else:
+            qtype = wanted
+        heads = {gguf.MODEL_TENSOR.ATTN_Q: hp.n_head, gguf.MODEL_TENSOR.ATTN_K: hp.n_head_kv}.get(kind)
+        plan.append(_Tensor(hf_name, shard, name, tuple(shape), qtype, heads))
+    # llama.cpp's order (its loader and quantizer use it too): file-wide tensors, then block by block
+    plan.sort(key=lambda t: (int(t.name.split(".")[1]), t.name) if t.name.startswith("blk.") else (-1, t.name))
+    n_vocab = sources["model.embed_tokens.weight"][1][0]
+    return plan, fallbacks, hp.tied, n_vocab
+
+
+def _rope_permute(weight: "torch.Tensor", heads: int) -> "torch.Tensor":
+    """transformers' rotate-half layout (each head: all first halves, then all second halves) → llama.cpp's
+    interleaved pairs, per head. Works on weights (rows = heads × head_dim) and biases alike."""
+    rows = weight.shape[0]
+    return (weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:])
+            .transpose(1, 2)
+            .reshape(weight.shape))
+
+
+def _encode(tensor: "torch.Tensor", qtype: Any) -> np.ndarray:
+    """A tensor in its source dtype → the bytes of `qtype`. F16 converts directly (a bfloat16 source never
+    exists as float32 in full); Q8_0/BF16 go through float32 one row chunk at a time."""
+    import gguf
+    import torch
+
+    if qtype == gguf.GGMLQuantizationType.F32:
+        return tensor.to(torch.float32).contiguous().numpy()
+    if qtype == gguf.GGMLQuantizationType.F16:
+        return tensor.to(torch.float16).contiguous().numpy()
+    rows = tensor.reshape(-1, tensor.shape[-1])
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    out = np.empty((rows.shape[0], rows.shape[1] // block * size), dtype=np.uint8)
+    step = max(1, _QUANT_CHUNK_VALUES // rows.shape[1])
+    for start in range(0, rows.shape[0], step):
+        chunk = rows[start:start + step].to(torch.float32).contiguous().numpy()
+        out[start:start + step] = gguf.quants.quantize(chunk, qtype)
+    return out
+
+
+def _source_tensor(item: _Tensor, handle: Any, hp: _Hparams, adapter: "LoraAdapter | None") -> "torch.Tensor":
+    """The tensor as llama.cpp wants it (adapter merged, Q/K permuted), still in its source dtype."""
+    import torch
+
+    if item.hf_name is None:
+        return torch.from_numpy(llama3_rope_factors(hp.rope_theta, hp.head_dim, hp.rope or {}))
+    tensor = handle.get_tensor(item.hf_name)
+    if adapter is not None:
+        tensor = adapter.merged(item.hf_name, tensor)
+    if tuple(tensor.shape) != item.shape:
+        raise UserError(f"{item.shard}: tensor {item.hf_name} has shape {tuple(tensor.shape)} after merging, "
+                        f"expected {item.shape}")
+    if item.permute_heads is not None:
+        tensor = _rope_permute(tensor, item.permute_heads)
+    return tensor
+
+
+# --- convert --------------------------------------------------------------------------------------
+
+
+def convert(model_dir: Path, out_file: Path, outtype: str = "f16", *, template: str, name: str | None = None,
+            adapter: "LoraAdapter | None" = None) -> dict:
+    """Write ``out_file`` (atomically: to out_file + '.part' then os.replace); return facts:
+    {"outtype", "tensors", "bytes", "pre_tokenizer", "vocab_size", "bos_id", "eos_id", "eot_id", "stop_ids",
+    "add_bos", "rope_freqs": bool, "tied": bool, "pad_id", "f16_fallback": [GGUF names]}"""
+    import gguf
+
+    model_dir, out_file = Path(model_dir), Path(out_file)
+    if outtype not in SUPPORTED_OUTTYPES:
+        raise UserError(f"GGUF outtype {outtype!r} is not supported; choose one of {', '.join(SUPPORTED_OUTTYPES)}")
+    try:
+        fmt = templates.get(template)
+    except KeyError as exc:
+        raise UserError(str(exc.args[0])) from None
+    config_path = model_dir / "config.json"
+    config = read_config(model_dir)  # UserError naming config.json for anything but LlamaForCausalLM
+    hp = _hparams(config, config_path)
+    if not (model_dir / "tokenizer.json").is_file():
+        raise UserError(f"{model_dir / 'tokenizer.json'}: missing — the GGUF writer needs the fast tokenizer's "
+                        "tokenizer.json (save the tokenizer with transformers to create it)")
+    plan, fallbacks, tied, n_vocab = _plan(model_dir, hp, outtype)
+
+    out_dir = out_file.parent
+    if not out_dir.is_dir():
+        raise UserError(f"{out_dir}: output folder does not exist")
+    part = out_file.with_name(out_file.name + ".part")
+    try:  # fail fast, and plainly, on a folder we cannot write
+        part.open("wb").close()
+        part.unlink()
+    except OSError as exc:
+        raise UserError(f"{out_dir}: cannot write {part.name} there ({exc.strerror or exc})") from None
+    payload = sum(gguf.GGUFWriter.ggml_pad(t.nbytes, gguf.GGUF_DEFAULT_ALIGNMENT) for t in plan)
+    needed = payload + 2 * (model_dir / "tokenizer.json").stat().st_size + (1 << 20)  # + tokenizer metadata, header
+    free = shutil.disk_usage(out_dir).free
+    if free < needed:
+        raise UserError(f"{out_dir}: not enough free disk for {out_file.name}: needs about {needed / 2**20:.0f} MiB, "
+                        f"{free / 2**20:.0f} MiB free")
+
+    vocab = _read_vocab(model_dir, n_vocab, config)
+    needed_tokens = (fmt.eos_token, fmt.bos_token) if fmt.bos_token else (fmt.eos_token,)
+    missing = [token for token in needed_tokens if token not in vocab.ids]
+    if missing:
+        raise UserError(f"{model_dir / 'tokenizer.json'}: chat format {template!r} needs {', '.join(missing)}, "
+                        "which the tokenizer does not have")
+    eos_id = vocab.ids[fmt.eos_token]
+    stop_ids = [vocab.ids[token] for token in fmt.stop_tokens if token in vocab.ids]
+    add_bos = fmt.bos_token is not None
+    bos_id = vocab.bos_id
+    if add_bos and bos_id != vocab.ids[fmt.bos_token]:  # type: ignore[index]
+        raise UserError(f"{model_dir}: the tokenizer's BOS (id {bos_id}) is not {fmt.bos_token}, which chat format "
+                        f"{template!r} starts with")
+    pad_id = vocab.ids.get(vocab.pad_text) if vocab.pad_text else None
+    pre = vocab.pre
+    if pad_id in stop_ids:
+        pad_id = None
+
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
+    writer = gguf.GGUFWriter(part, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    try:
+        writer.add_name(name or model_dir.name)
+        writer.add_context_length(hp.context)
+        writer.add_embedding_length(hp.hidden)
+        writer.add_block_count(hp.n_layers)
+        writer.add_feed_forward_length(hp.ff)
+        writer.add_head_count(hp.n_head)
+        writer.add_head_count_kv(hp.n_head_kv)
+        if hp.head_dim != hp.hidden // hp.n_head:
+            writer.add_key_length(hp.head_dim)
+            writer.add_value_length(hp.head_dim)
+        writer.add_rope_dimension_count(hp.head_dim)
+        writer.add_rope_freq_base(hp.rope_theta)
+        writer.add_layer_norm_rms_eps(hp.rms_eps)
+        writer.add_vocab_size(n_vocab)
+        writer.add_file_type(int(file_type))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(vocab.pre)
+        writer.add_token_list(vocab.tokens)
+        writer.add_token_types(vocab.types)
+        writer.add_token_merges(vocab.merges)
+        if bos_id is not None:
+            writer.add_bos_token_id(bos_id)
+        writer.add_eos_token_id(eos_id)
+        writer.add_eot_token_id(eos_id)
+        if pad_id is not None:
+            writer.add_pad_token_id(pad_id)
+        writer.add_add_bos_token(add_bos)
+        writer.add_add_eos_token(False)
+        writer.add_chat_template(fmt.inference)
+        del vocab  # the writer holds what it needs; drop the parsed tokenizer before the weights stream
+
+        for item in plan:
+            dtype = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16}.get(item.qtype)
+            writer.add_tensor_info(item.name, item.shape, np.dtype(dtype or np.float32), item.nbytes,
+                                   raw_dtype=None if dtype else item.qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        _write_tensors(writer, plan, hp, adapter)
+        writer.flush()
+        assert writer.fout is not None
+        for handle in writer.fout:
+            os.fsync(handle.fileno())
+        writer.close()
+        os.replace(part, out_file)
+    except BaseException as exc:
+        writer.close()
+        part.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(f"{out_dir}: disk full while writing {out_file.name} ({exc.strerror})") from None
+        raise
+    return {
+        "outtype": outtype,
+        "tensors": len(plan),
+        "bytes": out_file.stat().st_size,
+        "pre_tokenizer": pre,
+        "vocab_size": n_vocab,
+        "bos_id": bos_id,
+        "eos_id": eos_id,
+        "eot_id": eos_id,
+        "stop_ids": stop_ids,
+        "add_bos": add_bos,
+        "pad_id": pad_id,
+        "rope_freqs": hp.rope is not None,
+        "tied": tied,
+        "f16_fallback": fallbacks,
+    }
+
+
+def _write_tensors(writer: Any, plan: list[_Tensor], hp: _Hparams, adapter: "LoraAdapter | None") -> None:
+    from safetensors import safe_open
+
+    from edgezh.progress import track
+
+    handles: dict[Path, Any] = {}
+    try:
+        for item in track(plan, "writing GGUF tensors"):
+            handle = None
+            if item.shard is not None:
+                if item.shard not in handles:
+                    # pread, not mmap: mapped pages would stay resident and grow RSS to the model's size
+                    handles[item.shard] = safe_open(str(item.shard), framework="pt", backend="pread")
+                handle = handles[item.shard]
+            data = _encode(_source_tensor(item, handle, hp, adapter), item.qtype)
+            writer.write_tensor_data(data)
+            del data
+    finally:
+        handles.clear()

@@ -1,0 +1,61 @@
+"""GPTQ 4-bit checkpoints with GPTQModel (auto-gptq is archived and cannot import with transformers 5).
+
+Calibration text is the recipe's own training data rendered through its chat template, so the
+quantizer sees the Chinese conversations the model will actually serve. Runs on CPU (slowly;
+`GPTQMODEL_CPU_WORKERS` defaults to the core count) and on CUDA when present.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+from edgezh import templates
+from edgezh.errors import UserError
+from edgezh.export.native import ensure_writable
+
+
+def calibration_texts(conversations: list[list[dict]], template: str, samples: int, seed: int = 0) -> list[str]:
+    """`samples` conversations, chosen with a fixed seed, rendered as the model sees them."""
+    if not conversations:
+        raise UserError("gptq: no calibration conversations (the data stage produced none)")
+    chosen = random.Random(seed).sample(conversations, min(samples, len(conversations)))
+    return [templates.render(template, messages) for messages in chosen]
+
+
+def read_conversations(path: Path) -> list[list[dict]]:
+    """Conversations from a JSONL file of {"messages": [...]} records (the data stage's train.jsonl)."""
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line)["messages"])
+            except (ValueError, KeyError, TypeError):
+                raise UserError(f"{path}:{number}: not a {{\"messages\": [...]}} record") from None
+    return rows
+
+
+def quantize_gptq(model_dir: Path, out: Path, texts: list[str], *, bits: int = 4, group_size: int = 128,
+                  desc_act: bool = False) -> dict:
+    """Quantize `model_dir` into `out` with GPTQModel; returns what was written."""
+    try:
+        from gptqmodel import GPTQModel, QuantizeConfig
+    except ImportError:
+        raise UserError("the gptq stage needs GPTQModel: pip install 'edgezh[gptq]' -c constraints.txt") from None
+    import torch
+
+    weights = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+    ensure_writable(out, int(weights * (bits + 1) / 16), "the GPTQ checkpoint")
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
+    torch.manual_seed(0)
+    config = QuantizeConfig(bits=bits, group_size=group_size, desc_act=desc_act)
+    model = GPTQModel.load(str(model_dir), config, device="cuda" if torch.cuda.is_available() else "cpu")
+    model.quantize(texts, batch_size=1)
+    model.save(str(out))
+    return {"bits": bits, "group_size": group_size, "desc_act": desc_act, "calibration_samples": len(texts),
+            "bytes": sum(p.stat().st_size for p in out.glob("*.safetensors")),
+            "device": "cuda" if torch.cuda.is_available() else "cpu"}

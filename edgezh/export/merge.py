@@ -1,0 +1,268 @@
+"""Fold a LoRA adapter into the original 16-bit (or fp32) base, shard by shard, tensor by tensor.
+
+The base is never loaded as a model: the shards' headers are validated and planned first, then
+each tensor is read on its own, merged in fp32 if the adapter changes it (`LoraAdapter.merged`),
+cast to the output dtype and buffered until its output shard (at most `shard_size_mb`, or one
+larger tensor) is complete and written with safetensors' save_file. Peak memory ≈ one output
+shard + the adapter + one tensor's fp32 temporaries, whatever the size of the model.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import shutil
+import struct
+from contextlib import closing
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from edgezh.errors import UserError
+from edgezh.export.lora import LoraAdapter
+from edgezh.models.resolve import PICKLE_SUFFIXES, check_safetensors, read_config
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+FLOAT_CODES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+TORCH_DTYPES = {**FLOAT_CODES, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+COPIED = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+          "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def base_shards(base_dir: Path) -> list[Path]:
+    """The safetensors files holding a base model's weights (from its index when it has one)."""
+    index = base_dir / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"{index}: not a safetensors index ({exc})") from None
+        shards = [base_dir / name for name in sorted(set(weight_map.values()))]
+        missing = [p.name for p in shards if not p.is_file()]
+        if missing:
+            raise UserError(f"{index} lists shard(s) that are not there: {', '.join(missing)}")
+        return shards
+    if (base_dir / "model.safetensors").is_file():
+        return [base_dir / "model.safetensors"]
+    shards = sorted(base_dir.glob("*.safetensors"))
+    if not shards:
+        pickles = [p.name for p in base_dir.iterdir() if p.suffix in PICKLE_SUFFIXES] if base_dir.is_dir() else []
+        hint = f" (only pickle weights: {pickles[0]}; convert them to safetensors)" if pickles else ""
+        raise UserError(f"{base_dir}: no safetensors weights to merge into{hint}")
+    return shards
+
+
+def _trained_4bit_recorded(adapter_dir: Path) -> bool:
+    """Whether a training manifest beside the adapter (its artifact folder or the one above) says QLoRA."""
+    for folder in (adapter_dir, adapter_dir.parent):
+        path = folder / "manifest.json"
+        if not path.is_file():
+            continue
+        try:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            continue
+        if not isinstance(manifest, dict):
+            continue
+        for section in ("config", "info"):
+            value = manifest.get(section)
+            if isinstance(value, dict) and value.get("method") == "qlora":
+                return True
+    return False
+
+
+def _release_freed_memory() -> None:
+    """Hand memory freed by the tensors just written back to the system. glibc keeps freed blocks
+    under 32 MB in its heap, where the next shard's tensors fragment it and the process keeps
+    growing; malloc_trim returns every free page. A no-op where the C library is not glibc."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _plan_shards(entries: list[tuple[str, int]], limit: int) -> list[int]:
+    """Output shard number of each (name, bytes) entry, in order, no shard over `limit` unless one tensor is."""
+    groups, current, size = [], 0, 0
+    for _, nbytes in entries:
+        if size and size + nbytes > limit:
+            current, size = current + 1, 0
+        groups.append(current)
+        size += nbytes
+    return groups
+
+
+def _read_tensors(layout: list[tuple[Path, int, list[tuple[str, dict]]]]):
+    """(name, header entry, tensor) for every base tensor, read one at a time with plain file reads.
+
+    Not through safe_open: it memory-maps the whole shard, and every page read stays resident (and
+    counted in the process's RSS) until the shard is closed; reading each tensor into its own buffer
+    keeps only the tensors still waiting for their output shard in memory."""
+    for shard, data_start, items in layout:
+        with open(shard, "rb", buffering=0) as f:
+            for name, info in items:
+                start, end = info["data_offsets"]
+                tensor = torch.empty(info["shape"], dtype=TORCH_DTYPES[info["dtype"]])
+                raw = tensor.reshape(-1).view(torch.uint8).numpy()
+                if raw.nbytes != end - start:
+                    raise UserError(f"{shard}: tensor {name} declares {end - start} bytes but its shape "
+                                    f"{info['shape']} and dtype {info['dtype']} need {raw.nbytes}")
+                f.seek(data_start + start)
+                view, done = memoryview(raw), 0
+                while done < raw.nbytes:
+                    got = f.readinto(view[done:])
+                    if not got:
+                        raise UserError(f"{shard}: file ends inside tensor {name} (truncated)")
+                    done += got
+                del view, raw
+                yield name, info, tensor
+                del tensor
+
+
+def merge(base_dir: Path, adapter_dir: Path, out: Path, *, dtype: str = "auto", shard_size_mb: int = 2000,
+          trained_4bit: bool | None = None) -> dict:
+    """Write `base + adapter` as an HF model folder into `out` (a fresh folder); returns facts for the manifest.
+
+    `trained_4bit`: the adapter was trained over a 4-bit (QLoRA) copy of this base; None reads it from
+    a training manifest beside the adapter (`method: qlora`), since adapter_config does not record it.
+    """
+    base_dir, adapter_dir, out = Path(base_dir), Path(adapter_dir), Path(out)
+    if dtype != "auto" and dtype not in DTYPES:
+        raise UserError(f"merge dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    if shard_size_mb <= 0:
+        raise UserError(f"merge shard_size_mb must be positive, not {shard_size_mb}")
+    config = read_config(base_dir)
+    if config.get("quantization_config"):
+        method = config["quantization_config"].get("quant_method", "quantized")
+        raise UserError(f"{base_dir}: the base is already quantized ({method}); merge the adapter into the original "
+                        "16-bit checkpoint it was trained from")
+    adapter = LoraAdapter.load(adapter_dir)
+
+    # ---- read every header first: validate, check the adapter fits, plan the output shards
+    shards = base_shards(base_dir)
+    layout: list[tuple[Path, int, list[tuple[str, dict]]]] = []
+    owner: dict[str, Path] = {}
+    for shard in shards:
+        header = check_safetensors(shard)
+        unknown = sorted({info["dtype"] for info in header.values()} - set(TORCH_DTYPES))
+        if unknown:
+            raise UserError(f"{shard}: tensor dtype(s) {', '.join(unknown)} are not supported by the merge")
+        with open(shard, "rb") as f:
+            data_start = 8 + struct.unpack("<Q", f.read(8))[0]
+        for name in header:
+            if name in owner:
+                raise UserError(f"{base_dir}: tensor {name} is in both {owner[name].name} and {shard.name}")
+            owner[name] = shard
+        layout.append((shard, data_start, sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])))
+    base_shapes = {name: tuple(info["shape"]) for _, _, items in layout for name, info in items}
+    if config.get("tie_word_embeddings") and "lm_head.weight" in adapter.targets() and "lm_head.weight" not in base_shapes:
+        raise UserError(f"adapter {adapter_dir} changes lm_head, but {base_dir} ties lm_head to embed_tokens "
+                        "(tie_word_embeddings: true); merging an untied lm_head into a tied model is not supported")
+    adapter.check_covers(set(base_shapes))
+    adapter.check_shapes(base_shapes)
+
+    def out_dtype(code: str) -> torch.dtype | None:
+        if code not in FLOAT_CODES:
+            return None  # integer tensors are kept as they are
+        return FLOAT_CODES[code] if dtype == "auto" else DTYPES[dtype]
+
+    entries = []
+    for _, _, items in layout:
+        for name, info in items:
+            target = out_dtype(info["dtype"])
+            itemsize = (target or TORCH_DTYPES[info["dtype"]]).itemsize
+            numel = 1
+            for dim in info["shape"]:
+                numel *= dim
+            entries.append((name, numel * itemsize))
+    groups = _plan_shards(entries, shard_size_mb * 2**20)
+    n_out = groups[-1] + 1 if groups else 0
+    if n_out == 0:
+        raise UserError(f"{base_dir}: the safetensors files hold no tensors")
+    names = ["model.safetensors"] if n_out == 1 else \
+        [f"model-{i + 1:05d}-of-{n_out:05d}.safetensors" for i in range(n_out)]
+
+    # ---- write
+    created = not out.exists()
+    written: list[Path] = []
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".edgezh-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"{out}: cannot write the merged model there ({exc.strerror or exc})") from None
+
+    from edgezh.progress import track
+
+    changed, written_dtypes, weight_map, total_size = 0, set(), {}, 0
+    targets = adapter.targets()
+    try:
+        buffer: dict[str, torch.Tensor] = {}
+        tensors = closing(track(_read_tensors(layout), f"merging {adapter_dir.name} into {base_dir.name}",
+                                total=len(entries)))
+        with tensors as items:
+            for position, (name, info, tensor) in enumerate(items):
+                if name in targets:
+                    tensor = adapter.merged(name, tensor)
+                    changed += 1
+                target = out_dtype(info["dtype"])
+                if target is not None:
+                    tensor = tensor.to(target)
+                    written_dtypes.add(str(target).removeprefix("torch."))
+                buffer[name] = tensor.contiguous()
+                del tensor
+                group = groups[position]
+                weight_map[name] = names[group]
+                total_size += entries[position][1]
+                if position + 1 == len(entries) or groups[position + 1] != group:
+                    path = out / names[group]
+                    written.append(path)
+                    save_file(buffer, str(path), metadata={"format": "pt"})
+                    buffer = {}
+                    _release_freed_memory()
+        adapter.close()
+        if n_out > 1:
+            index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+            written.append(out / INDEX_NAME)
+            (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        if dtype != "auto":
+            config["dtype"] = dtype
+            if "torch_dtype" in config:
+                config["torch_dtype"] = dtype
+        written.append(out / "config.json")
+        (out / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        for name in COPIED:
+            if (base_dir / name).is_file():
+                written.append(out / name)
+                shutil.copyfile(base_dir / name, out / name)
+    except BaseException as exc:
+        adapter.close()
+        for path in written:
+            path.unlink(missing_ok=True)
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise UserError(f"{out}: writing the merged model failed ({exc.strerror or exc})") from None
+        raise
+
+    if trained_4bit is None:
+        trained_4bit = _trained_4bit_recorded(adapter_dir)
+    note = None
+    if trained_4bit:
+        note = (f"the adapter was trained over a 4-bit (QLoRA) copy of the base; it was merged into the original "
+                f"16-bit weights in {base_dir}, not into a dequantized 4-bit model, so the merged model can differ "
+                "slightly from the one evaluated during training")
+    return {
+        "tensors_changed": changed,
+        "modules_to_save": list(adapter.modules_to_save),
+        "base": str(base_dir),
+        "adapter": str(adapter_dir),
+        "dtype": dtype if dtype != "auto" else (written_dtypes.pop() if len(written_dtypes) == 1
+                                                else "mixed: " + ", ".join(sorted(written_dtypes))),
+        "shards": n_out,
+        "qlora_note": note,
+    }
