@@ -369,10 +369,11 @@ def test_metadata_reads_back(tiny_f32, smol_f32, tiny_llama3, smollm2) -> None:
         assert _field(reader, "tokenizer.ggml.padding_token_id") == facts["pad_id"] == pad
 
 
-def test_llama_cpp_reads_the_special_tokens(tiny_f32, smol_f32) -> None:
+def test_llama_cpp_reads_the_special_tokens(tiny_f32, smol_f32, llama32) -> None:
     import llama_cpp
 
-    for (path, facts) in (tiny_f32, smol_f32):
+    assert llama32[1]["stop_ids"] == [128009, 128008, 128001]  # llama3.1: <|eot_id|> <|eom_id|> <|end_of_text|>
+    for (path, facts) in (tiny_f32, smol_f32, (llama32[2], llama32[1])):
         llm = _llama(path, vocab_only=True)
         try:
             vocab = llm._model.vocab

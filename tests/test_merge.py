@@ -354,3 +354,17 @@ def test_lm_head_adapter_on_tied_embeddings_is_refused(tmp_path) -> None:
                            tmp_path / "adapter", seed=5)
     with pytest.raises(UserError, match="ties lm_head to embed_tokens"):
         merge(tmp_path / "base", adapter, tmp_path / "out")
+
+
+def test_cli_merge_twice_says_already_merged(tiny_llama3, adapters, tmp_path, capsys) -> None:
+    from edgezh.cli import main
+
+    out = tmp_path / "merged"
+    assert main(["merge", str(tiny_llama3), str(adapters["all_linear"]), "-o", str(out)]) == 0
+    assert "merged" in capsys.readouterr().out and (out / "model.safetensors").is_file()
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    assert main(["merge", str(tiny_llama3), str(adapters["all_linear"]), "-o", str(out)]) == 0
+    assert "already merged" in capsys.readouterr().out
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+    assert main(["merge", str(tiny_llama3), str(adapters["all_linear"]), "-o", str(out), "--dtype", "bfloat16"]) == 0
+    assert "already merged" not in capsys.readouterr().out  # a different request merges again
