@@ -49,6 +49,7 @@ def make_checkpoint(folder: Path, layers: int, hidden: int = 2048, inter: int = 
     heads, kv = hidden // 128, hidden // 512
     LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                 num_attention_heads=heads, num_key_value_heads=kv, rope_theta=500000.0, dtype="bfloat16",
+                architectures=["LlamaForCausalLM"],
                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id).save_pretrained(folder)
     gen = torch.Generator().manual_seed(0)
 

@@ -326,7 +326,7 @@ def test_metadata_reads_back(tiny_f32, smol_f32, tiny_llama3, smollm2) -> None:
 
     # Pad: Llama 3's <|finetune_right_pad_id|>; SmolLM2's pad is <|im_end|>, an end token, so none.
     for (path, facts), folder, fmt_name, pre, pad in ((tiny_f32, tiny_llama3, "llama3", "llama-bpe", 128004),
-                                                       (smol_f32, smollm2, "chatml", "gpt-2", None)):
+                                                       (smol_f32, smollm2, "chatml", "smollm", None)):
         fmt = templates.get(fmt_name)
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         tokenizer = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
@@ -478,17 +478,24 @@ def test_smollm_pre_tokenizer_splits_digits(odd, smollm2, out_dir) -> None:
     """SmolLM2's hub tokenizer.json (Digits + ByteLevel) is identified as `smollm`, and llama.cpp splits
     text exactly as that tokenizer does."""
     import gguf
+    from tokenizers import Tokenizer
     from transformers import AutoTokenizer
+
+    from edgezh.export.gguf_writer import PRE_TOKENIZERS
 
     path = out_dir / "odd-f32.gguf"
     facts = convert(odd, path, "f32", template="chatml")
     assert facts["pre_tokenizer"] == "smollm" == _field(gguf.GGUFReader(path), "tokenizer.ggml.pre")
     hub = AutoTokenizer.from_pretrained(odd)
     digits = "2024年12月31日  3.14159 x =  1\n    2"
-    # The definition matters: SmolLM2's vocabulary has no multi-digit tokens, but with the GPT-2 split (the
-    # GGUF-imported fixture's) a whitespace run before a digit is cut differently.
-    gpt2_split = AutoTokenizer.from_pretrained(smollm2)(digits, add_special_tokens=False)["input_ids"]
-    assert gpt2_split != hub(digits, add_special_tokens=False)["input_ids"]
+    # The definition matters: SmolLM2's vocabulary has no multi-digit tokens, but with a plain GPT-2 split
+    # (what transformers' GGUF import builds) a whitespace run before a digit is cut differently. The base
+    # stage restores the GGUF's declared `smollm` split, so the imported fixture agrees with the hub tokenizer.
+    imported = AutoTokenizer.from_pretrained(smollm2)
+    assert imported(digits, add_special_tokens=False)["input_ids"] == hub(digits, add_special_tokens=False)["input_ids"]
+    imported.backend_tokenizer.pre_tokenizer = Tokenizer.from_str(json.dumps({**json.loads(
+        imported.backend_tokenizer.to_str()), "pre_tokenizer": PRE_TOKENIZERS["gpt-2"]})).pre_tokenizer
+    assert imported(digits, add_special_tokens=False)["input_ids"] != hub(digits, add_special_tokens=False)["input_ids"]
     bad = _tokenizer_mismatches(path, hub, EXTRA_TEXTS + [digits])
     assert not bad, bad[:3]
 
@@ -564,6 +571,9 @@ def test_unwritable_output_folder(tiny_llama3, tmp_path) -> None:
 
 def test_failure_while_writing_leaves_nothing(tiny_llama3, tmp_path) -> None:
     class FailingAdapter:  # stands in for a LoRA adapter whose merge fails halfway through the tensors
+        def targets(self):
+            return {f"model.layers.{i}.self_attn.o_proj.weight" for i in (0, 1)}
+
         def merged(self, name, tensor):
             if ".layers.1." in name:
                 raise RuntimeError(f"cannot merge {name}")
@@ -598,15 +608,14 @@ def test_peak_memory_is_about_one_tensor(smol_f16, smollm2) -> None:
     holds 2 GB reports at least 2 GB before doing anything (RUSAGE_CHILDREN likewise reports the largest
     child this session ever waited for). VmHWM belongs to the child's own address space.
 
-    What remains is the parsed tokenizer and the tensor in flight: SmolLM2's largest tensor, the tied
-    embedding, is 113 MB in float32 (+57 MB as F16). Measured growth: ~190 MB. Reading through mmap instead
-    keeps every touched page of the source resident and grows by the whole model (measured ~520 MB),
-    which the bound below rules out."""
+    What remains is the parsed tokenizer and the tensor in flight: the largest tensor, the tied embedding
+    (113 MB in float32), is read and encoded in 32 MiB chunks of rows. Measured growth: ~100 MB (~190 MB
+    when the embedding was read whole). Reading through mmap instead keeps every touched page of the
+    source resident and grows by the whole model (measured ~520 MB), which the bound below rules out."""
     _, report = smol_f16
     model_bytes = (smollm2 / "model.safetensors").stat().st_size
     grew = (report["peak_kib"] - report["baseline_kib"]) * 1024
     assert report["facts"]["bytes"] > model_bytes * 0.45  # it really wrote the F16 model
     assert report["baseline_kib"] > 100 * 1024  # the imports are in the baseline (torch alone is ~200 MB)
-    # the largest tensor must have passed through memory at least once, or this measured nothing
     message = f"peak RSS grew by {grew / 2**20:.0f} MiB for a {model_bytes / 2**20:.0f} MiB model"
-    assert 113e6 < grew < model_bytes * 0.5, message
+    assert 0 < grew < model_bytes * 0.25, message  # the export issue's target: below 25% of the checkpoint

@@ -159,7 +159,7 @@ def test_smollm2_imported_from_gguf_agrees_with_llama_cpp(smollm2: Path, smollm2
     assert (config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]) == (576, 30, 49152)
     tok = AutoTokenizer.from_pretrained(smollm2)
     assert tok.chat_template == templates.get("chatml").inference
-    text = "The capital of France is Paris. 北京是中国的首都。 def add(a, b): return a + b"
+    text = "The capital of France is Paris. 北京是中国的首都。 def add(a, b): return a + b  # 12345 + 2026"
     ids = tok(text, add_special_tokens=False)["input_ids"]
     llm = Llama(str(smollm2_gguf), n_ctx=256, logits_all=True, verbose=False, n_threads=2)
     assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids

@@ -4,9 +4,9 @@ For each conversation and each format it applies to, four renderings must give i
 
 (a) transformers' ``apply_chat_template`` with a real tokenizer (the tiny Llama 3 fixture's, the same files with
     the llama3.1 inference template, SmolLM2's for chatml);
-(b) llama-cpp-python's ``Jinja2ChatFormatter`` on the registry's inference text with the model's bos/eos, which
-    is how llama.cpp formats a chat from a GGUF's embedded template (the GGUF-embedded check itself is added
-    with the GGUF converter, which another change is writing);
+(b) llama.cpp from a GGUF written by ``edgezh convert``: llama-cpp-python's ``Jinja2ChatFormatter`` on the
+    GGUF's embedded ``tokenizer.chat_template`` with the GGUF's own BOS/EOS tokens (what llama-cpp-python
+    does for a GGUF's chat template), tokenized by llama.cpp itself;
 (c) the Modelfile's Go template executed by ``tests/gotemplate`` (a small re-implementation of Ollama's template
     data model), with the BOS that llama.cpp adds for ``add_bos_token`` formats prepended;
 (d) ``edgezh.templates.render``.
@@ -272,12 +272,33 @@ def ids(tok: PreTrainedTokenizerBase, text: str) -> list[int]:
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
-def llama_cpp_render(fmt: str, tok: PreTrainedTokenizerBase, chat: Chat) -> str:
-    formatter = Jinja2ChatFormatter(template=templates.get(fmt).inference, eos_token=tok.eos_token,
-                                    bos_token=tok.bos_token, add_generation_prompt=chat.wants_prompt())
+@pytest.fixture(scope="session")
+def gguf_engines(tiny_llama3: Path, smollm2: Path, tmp_path_factory) -> dict:
+    """Per format, llama.cpp (vocab only) over a GGUF that edgezh's converter wrote with that format."""
+    from llama_cpp import Llama
+
+    from edgezh.export.gguf_writer import convert
+
+    folder = tmp_path_factory.mktemp("truth-gguf")
+    engines = {}
+    for fmt, model in (("llama3", tiny_llama3), ("llama3.1", tiny_llama3), ("chatml", smollm2)):
+        path = folder / f"{fmt}.gguf"
+        convert(model, path, "f16", template=fmt)
+        engines[fmt] = Llama(str(path), vocab_only=True, verbose=False)
+    yield engines
+    for engine in engines.values():
+        engine.close()
+
+
+def llama_cpp_ids(engine, chat: Chat) -> list[int]:
+    """llama-cpp-python's chat formatting from the GGUF's own template and special tokens, tokenized by llama.cpp."""
+    meta = engine.metadata
+    token = lambda key: engine._model.token_get_text(int(meta[key]))  # noqa: E731
+    formatter = Jinja2ChatFormatter(template=meta["tokenizer.chat_template"], eos_token=token("tokenizer.ggml.eos_token_id"),
+                                    bos_token=token("tokenizer.ggml.bos_token_id"), add_generation_prompt=chat.wants_prompt())
     response = formatter(messages=chat.effective_messages(), tools=chat.tools)
     assert response.added_special  # llama-cpp-python then tokenizes without adding a BOS of its own
-    return response.prompt
+    return engine.tokenize(response.prompt.encode("utf-8"), add_bos=False, special=True)
 
 
 def assert_bos_rule(fmt: str, tok: PreTrainedTokenizerBase, token_ids: list[int]) -> None:
@@ -293,14 +314,13 @@ def assert_bos_rule(fmt: str, tok: PreTrainedTokenizerBase, token_ids: list[int]
 
 
 @pytest.mark.parametrize(("fmt", "chat"), suite())
-def test_hf_llama_cpp_and_registry_give_the_same_token_ids(fmt, chat, tokenizers):
+def test_hf_llama_cpp_and_registry_give_the_same_token_ids(fmt, chat, tokenizers, gguf_engines):
     tok = tokenizers[fmt]
     messages, prompt = chat.effective_messages(), chat.wants_prompt()
     hf_ids = tok.apply_chat_template(messages, tools=chat.tools, add_generation_prompt=prompt, tokenize=True,
                                      return_dict=False)
-    llama_cpp_ids = ids(tok, llama_cpp_render(fmt, tok, chat))
     registry_text = templates.render(fmt, messages, tools=chat.tools, add_generation_prompt=prompt)
-    assert llama_cpp_ids == hf_ids
+    assert llama_cpp_ids(gguf_engines[fmt], chat) == hf_ids
     assert ids(tok, registry_text) == hf_ids
     assert_bos_rule(fmt, tok, hf_ids)
     end = "<|eom_id|>" if messages[-1].get("tool_calls") else templates.get(fmt).eos_token

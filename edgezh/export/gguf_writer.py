@@ -5,10 +5,12 @@
 - **Streaming.** Shapes and dtypes come from the safetensors headers, so every tensor's GGUF type and
   size is planned before a byte is written (gguf-py's ``add_tensor_info``); the header, metadata and
   tensor table are written, then each tensor is read, transformed, encoded and written on its own
-  (``write_tensor_data``) and dropped. Tensors are read with safetensors' ``pread`` backend: a
-  memory-mapped read leaves every touched page of the source resident in this process (the whole
-  model by the end), while ``pread`` keeps the resident set at about one tensor (source + output).
-  F16 converts straight from the source dtype; Q8_0/BF16 go through float32 in row chunks.
+  (``write_tensor_data``) and dropped. Tensors are read with plain positioned reads: a memory-mapped
+  read leaves every touched page of the source resident in this process (the whole model by the
+  end). Q/K (permuted) and adapted tensors are read whole; every other tensor — embeddings and
+  output head included — is read, encoded and written in chunks of rows, so the resident set stays
+  at about one attention matrix. F16 converts straight from the source dtype; Q8_0/BF16 go through
+  float32 chunk by chunk.
 - **Layout.** Names come from gguf-py's ``TensorNameMap``; Q/K weights (and biases) are permuted from
   transformers' rotate-half RoPE layout to llama.cpp's interleaved one; 1-D tensors stay F32; Q8_0 is
   used only for 2-D tensors whose rows are a multiple of 32 (others fall back to F16 and are listed in
@@ -65,7 +67,7 @@ PRE_TOKENIZERS: dict[str, dict[str, Any]] = {
         "type": "Sequence",
         "pretokenizers": [
             {"type": "Split", "pattern": {"Regex": _LLAMA3_REGEX}, "behavior": "Isolated", "invert": False},
-            {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
         ],
     },
     # SmolLM/SmolLM2 on the hub: every digit on its own, then GPT-2's byte-level regex.
@@ -73,16 +75,16 @@ PRE_TOKENIZERS: dict[str, dict[str, Any]] = {
         "type": "Sequence",
         "pretokenizers": [
             {"type": "Digits", "individual_digits": True},
-            {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
         ],
     },
     # Plain GPT-2 byte-level regex. This is also what transformers builds when it imports a GGUF whose
     # pre-tokenizer it has no regex for (e.g. SmolLM2's "smollm": the digit split is lost on import).
-    "gpt-2": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
+    "gpt-2": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
 }
 """llama.cpp pre-tokenizer name → the ``tokenizer.json`` ``pre_tokenizer`` definition that splits text the
 same way (compared after dropping ``trim_offsets``, which only affects offsets, and unwrapping one-element
-sequences)."""
+sequences). Complete definitions: the GGUF import in ``edgezh.models.base_stage`` installs them as they are."""
 
 _OFFSETS_ONLY_KEYS = {"trim_offsets"}
 
@@ -280,6 +282,7 @@ class _Tensor:
     shape: tuple[int, ...]  # numpy order (rows, columns)
     qtype: Any  # gguf.GGMLQuantizationType
     permute_heads: int | None  # Q/K: heads for the RoPE permutation
+    header: dict | None = None  # the source's safetensors header entry (dtype, shape, data_offsets)
 
     @property
     def nbytes(self) -> int:
@@ -302,12 +305,12 @@ def _plan(model_dir: Path, hp: _Hparams, outtype: str) -> tuple[list[_Tensor], l
     allowed = set(gguf.MODEL_TENSORS[gguf.MODEL_ARCH.LLAMA])
     skipped_kinds = set(gguf.MODEL_TENSOR_SKIP.get(gguf.MODEL_ARCH.LLAMA, ()))
 
-    sources: dict[str, tuple[Path, list[int]]] = {}
+    sources: dict[str, tuple[Path, list[int], dict]] = {}
     for shard in shards:
         for hf_name, info in check_safetensors(shard).items():
             if hf_name in sources:
                 raise UserError(f"{shard}: tensor {hf_name} is also in {sources[hf_name][0].name}")
-            sources[hf_name] = (shard, list(info["shape"]))
+            sources[hf_name] = (shard, list(info["shape"]), info)
     for required in ("model.embed_tokens.weight", "model.norm.weight"):
         if required not in sources:
             raise UserError(f"{model_dir}: the weights have no {required}")
@@ -320,7 +323,7 @@ def _plan(model_dir: Path, hp: _Hparams, outtype: str) -> tuple[list[_Tensor], l
     if hp.rope is not None:
         name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
         plan.append(_Tensor(None, None, name, (hp.head_dim // 2,), gguf.GGMLQuantizationType.F32, None))
-    for hf_name, (shard, shape) in sources.items():
+    for hf_name, (shard, shape, info) in sources.items():
         if hp.tied and hf_name == "lm_head.weight":
             continue  # tied: llama.cpp reuses token_embd; transformers ignores a stored copy as well
         found = name_map.get_type_and_name(hf_name, try_suffixes=(".weight", ".bias"))
@@ -337,7 +340,7 @@ def _plan(model_dir: Path, hp: _Hparams, outtype: str) -> tuple[list[_Tensor], l
         else:
             qtype = wanted
         heads = {gguf.MODEL_TENSOR.ATTN_Q: hp.n_head, gguf.MODEL_TENSOR.ATTN_K: hp.n_head_kv}.get(kind)
-        plan.append(_Tensor(hf_name, shard, name, tuple(shape), qtype, heads))
+        plan.append(_Tensor(hf_name, shard, name, tuple(shape), qtype, heads, info))
     # llama.cpp's order (its loader and quantizer use it too): file-wide tensors, then block by block
     plan.sort(key=lambda t: (int(t.name.split(".")[1]), t.name) if t.name.startswith("blk.") else (-1, t.name))
     n_vocab = sources["model.embed_tokens.weight"][1][0]
@@ -373,13 +376,13 @@ def _encode(tensor: "torch.Tensor", qtype: Any) -> np.ndarray:
     return out
 
 
-def _source_tensor(item: _Tensor, handle: Any, hp: _Hparams, adapter: "LoraAdapter | None") -> "torch.Tensor":
-    """The tensor as llama.cpp wants it (adapter merged, Q/K permuted), still in its source dtype."""
+def _source_tensor(item: _Tensor, tensor: "torch.Tensor | None", hp: _Hparams, adapter: "LoraAdapter | None") -> "torch.Tensor":
+    """The tensor as llama.cpp wants it (adapter merged, Q/K permuted), still in its source dtype;
+    `tensor` is the source tensor as read (None for tensors computed here)."""
     import torch
 
     if item.hf_name is None:
         return torch.from_numpy(llama3_rope_factors(hp.rope_theta, hp.head_dim, hp.rope or {}))
-    tensor = handle.get_tensor(item.hf_name)
     if adapter is not None:
         tensor = adapter.merged(item.hf_name, tensor)
     if tuple(tensor.shape) != item.shape:
@@ -524,22 +527,47 @@ def convert(model_dir: Path, out_file: Path, outtype: str = "f16", *, template: 
     }
 
 
-def _write_tensors(writer: Any, plan: list[_Tensor], hp: _Hparams, adapter: "LoraAdapter | None") -> None:
-    from safetensors import safe_open
+class _RowChunks:
+    """A tensor copied from its shard in chunks of rows, encoded chunk by chunk: what GGUFWriter's
+    write_tensor_data needs (``nbytes``, ``tofile``) without the tensor ever being whole in memory."""
 
+    def __init__(self, item: _Tensor, handle: Any, data_start: int):
+        self.item, self.handle, self.data_start = item, handle, data_start
+        self.nbytes = item.nbytes
+
+    def tofile(self, fout: Any) -> None:
+        from edgezh.export.tensor_stream import row_chunks
+
+        where = f"{self.item.shard}: tensor {self.item.hf_name}"
+        for chunk in row_chunks(self.handle, self.data_start, self.item.header, where):
+            _encode(chunk, self.item.qtype).tofile(fout)
+
+
+def _write_tensors(writer: Any, plan: list[_Tensor], hp: _Hparams, adapter: "LoraAdapter | None") -> None:
+    """Tensors in plan order. Plain positioned reads, not memory maps (mapped pages stay resident and
+    grow RSS to the model's size); Q/K (permuted) and adapted tensors are read whole, every other
+    tensor in chunks of rows, so memory holds at most one attention matrix, never an embedding."""
+    from edgezh.export.tensor_stream import read_tensor
     from edgezh.progress import track
 
-    handles: dict[Path, Any] = {}
+    adapted = adapter.targets() if adapter is not None else set()
+    handles: dict[Path, tuple[Any, int]] = {}
     try:
         for item in track(plan, "writing GGUF tensors"):
-            handle = None
-            if item.shard is not None:
-                if item.shard not in handles:
-                    # pread, not mmap: mapped pages would stay resident and grow RSS to the model's size
-                    handles[item.shard] = safe_open(str(item.shard), framework="pt", backend="pread")
-                handle = handles[item.shard]
-            data = _encode(_source_tensor(item, handle, hp, adapter), item.qtype)
+            if item.shard is None:
+                writer.write_tensor_data(_encode(_source_tensor(item, None, hp, adapter), item.qtype))
+                continue
+            if item.shard not in handles:
+                f = open(item.shard, "rb", buffering=0)
+                handles[item.shard] = (f, 8 + int.from_bytes(f.read(8), "little"))
+            handle, data_start = handles[item.shard]
+            if item.permute_heads is None and item.hf_name not in adapted:
+                writer.write_tensor_data(_RowChunks(item, handle, data_start))
+                continue
+            tensor = read_tensor(handle, data_start, item.header, f"{item.shard}: tensor {item.hf_name}")
+            data = _encode(_source_tensor(item, tensor, hp, adapter), item.qtype)
             writer.write_tensor_data(data)
-            del data
+            del data, tensor
     finally:
-        handles.clear()
+        for f, _ in handles.values():
+            f.close()

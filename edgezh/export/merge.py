@@ -1,32 +1,28 @@
 """Fold a LoRA adapter into the original 16-bit (or fp32) base, shard by shard, tensor by tensor.
 
-The base is never loaded as a model: the shards' headers are validated and planned first, then
-each tensor is read on its own, merged in fp32 if the adapter changes it (`LoraAdapter.merged`),
-cast to the output dtype and buffered until its output shard (at most `shard_size_mb`, or one
-larger tensor) is complete and written with safetensors' save_file. Peak memory ≈ one output
-shard + the adapter + one tensor's fp32 temporaries, whatever the size of the model.
+The base is never loaded as a model: the shards' headers are validated and the output shards
+planned first; then each output file is written tensor by tensor (`edgezh.export.tensor_stream`):
+a tensor the adapter changes is read whole and merged in fp32 (`LoraAdapter.merged`), every other
+tensor is copied (and cast when the dtype changes) in chunks of rows. Peak memory ≈ the adapter +
+one adapted tensor's fp32 temporaries, whatever the size of the model or of its shards.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import shutil
 import struct
-from contextlib import closing
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from edgezh.errors import UserError
 from edgezh.export.lora import LoraAdapter
+from edgezh.export.tensor_stream import CODES, SafetensorsWriter, read_tensor, row_chunks
 from edgezh.models.resolve import PICKLE_SUFFIXES, check_safetensors, read_config
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-FLOAT_CODES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
-TORCH_DTYPES = {**FLOAT_CODES, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+FLOAT_CODES = {code: CODES[code] for code in ("F16", "BF16", "F32", "F64")}
 COPIED = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
           "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
 INDEX_NAME = "model.safetensors.index.json"
@@ -74,16 +70,6 @@ def _trained_4bit_recorded(adapter_dir: Path) -> bool:
     return False
 
 
-def _release_freed_memory() -> None:
-    """Hand memory freed by the tensors just written back to the system. glibc keeps freed blocks
-    under 32 MB in its heap, where the next shard's tensors fragment it and the process keeps
-    growing; malloc_trim returns every free page. A no-op where the C library is not glibc."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def _plan_shards(entries: list[tuple[str, int]], limit: int) -> list[int]:
     """Output shard number of each (name, bytes) entry, in order, no shard over `limit` unless one tensor is."""
     groups, current, size = [], 0, 0
@@ -93,33 +79,6 @@ def _plan_shards(entries: list[tuple[str, int]], limit: int) -> list[int]:
         groups.append(current)
         size += nbytes
     return groups
-
-
-def _read_tensors(layout: list[tuple[Path, int, list[tuple[str, dict]]]]):
-    """(name, header entry, tensor) for every base tensor, read one at a time with plain file reads.
-
-    Not through safe_open: it memory-maps the whole shard, and every page read stays resident (and
-    counted in the process's RSS) until the shard is closed; reading each tensor into its own buffer
-    keeps only the tensors still waiting for their output shard in memory."""
-    for shard, data_start, items in layout:
-        with open(shard, "rb", buffering=0) as f:
-            for name, info in items:
-                start, end = info["data_offsets"]
-                tensor = torch.empty(info["shape"], dtype=TORCH_DTYPES[info["dtype"]])
-                raw = tensor.reshape(-1).view(torch.uint8).numpy()
-                if raw.nbytes != end - start:
-                    raise UserError(f"{shard}: tensor {name} declares {end - start} bytes but its shape "
-                                    f"{info['shape']} and dtype {info['dtype']} need {raw.nbytes}")
-                f.seek(data_start + start)
-                view, done = memoryview(raw), 0
-                while done < raw.nbytes:
-                    got = f.readinto(view[done:])
-                    if not got:
-                        raise UserError(f"{shard}: file ends inside tensor {name} (truncated)")
-                    done += got
-                del view, raw
-                yield name, info, tensor
-                del tensor
 
 
 def merge(base_dir: Path, adapter_dir: Path, out: Path, *, dtype: str = "auto", shard_size_mb: int = 2000,
@@ -147,7 +106,7 @@ def merge(base_dir: Path, adapter_dir: Path, out: Path, *, dtype: str = "auto", 
     owner: dict[str, Path] = {}
     for shard in shards:
         header = check_safetensors(shard)
-        unknown = sorted({info["dtype"] for info in header.values()} - set(TORCH_DTYPES))
+        unknown = sorted({info["dtype"] for info in header.values()} - set(CODES))
         if unknown:
             raise UserError(f"{shard}: tensor dtype(s) {', '.join(unknown)} are not supported by the merge")
         with open(shard, "rb") as f:
@@ -173,7 +132,7 @@ def merge(base_dir: Path, adapter_dir: Path, out: Path, *, dtype: str = "auto", 
     for _, _, items in layout:
         for name, info in items:
             target = out_dtype(info["dtype"])
-            itemsize = (target or TORCH_DTYPES[info["dtype"]]).itemsize
+            itemsize = (target or CODES[info["dtype"]]).itemsize
             numel = 1
             for dim in info["shape"]:
                 numel *= dim
@@ -200,30 +159,39 @@ def merge(base_dir: Path, adapter_dir: Path, out: Path, *, dtype: str = "auto", 
 
     changed, written_dtypes, weight_map, total_size = 0, set(), {}, 0
     targets = adapter.targets()
+    flat = [(shard, data_start, name, info) for shard, data_start, items in layout for name, info in items]
+    plans: list[list[tuple[str, torch.dtype, tuple]]] = [[] for _ in range(n_out)]
+    for position, (_, _, name, info) in enumerate(flat):
+        plans[groups[position]].append((name, out_dtype(info["dtype"]) or CODES[info["dtype"]], tuple(info["shape"])))
+    writer: SafetensorsWriter | None = None
+    handles: dict[Path, object] = {}
     try:
-        buffer: dict[str, torch.Tensor] = {}
-        tensors = closing(track(_read_tensors(layout), f"merging {adapter_dir.name} into {base_dir.name}",
-                                total=len(entries)))
-        with tensors as items:
-            for position, (name, info, tensor) in enumerate(items):
-                if name in targets:
-                    tensor = adapter.merged(name, tensor)
-                    changed += 1
-                target = out_dtype(info["dtype"])
-                if target is not None:
-                    tensor = tensor.to(target)
-                    written_dtypes.add(str(target).removeprefix("torch."))
-                buffer[name] = tensor.contiguous()
-                del tensor
-                group = groups[position]
-                weight_map[name] = names[group]
-                total_size += entries[position][1]
-                if position + 1 == len(entries) or groups[position + 1] != group:
-                    path = out / names[group]
-                    written.append(path)
-                    save_file(buffer, str(path), metadata={"format": "pt"})
-                    buffer = {}
-                    _release_freed_memory()
+        for position, (shard, data_start, name, info) in enumerate(track(flat, f"merging {adapter_dir.name} into {base_dir.name}")):
+            group = groups[position]
+            if writer is None or writer.path != out / names[group]:
+                if writer is not None:
+                    writer.close()
+                written.append(out / names[group])
+                writer = SafetensorsWriter(out / names[group], plans[group])
+            if shard not in handles:
+                handles[shard] = open(shard, "rb", buffering=0)
+            target = out_dtype(info["dtype"])
+            if target is not None:
+                written_dtypes.add(str(target).removeprefix("torch."))
+            writer.begin(name)
+            where = f"{shard}: tensor {name}"
+            if name in targets:
+                merged = adapter.merged(name, read_tensor(handles[shard], data_start, info, where))
+                writer.write(merged.to(target) if target is not None else merged)
+                changed += 1
+                del merged
+            else:
+                for chunk in row_chunks(handles[shard], data_start, info, where):
+                    writer.write(chunk.to(target) if target is not None else chunk)
+            weight_map[name] = names[group]
+            total_size += entries[position][1]
+        if writer is not None:
+            writer.close()
         adapter.close()
         if n_out > 1:
             index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
@@ -241,6 +209,8 @@ def merge(base_dir: Path, adapter_dir: Path, out: Path, *, dtype: str = "auto", 
                 shutil.copyfile(base_dir / name, out / name)
     except BaseException as exc:
         adapter.close()
+        if writer is not None:
+            writer.f.close()
         for path in written:
             path.unlink(missing_ok=True)
         if created:
@@ -248,6 +218,9 @@ def merge(base_dir: Path, adapter_dir: Path, out: Path, *, dtype: str = "auto", 
         if isinstance(exc, OSError):
             raise UserError(f"{out}: writing the merged model failed ({exc.strerror or exc})") from None
         raise
+    finally:
+        for handle in handles.values():
+            handle.close()
 
     if trained_4bit is None:
         trained_4bit = _trained_4bit_recorded(adapter_dir)

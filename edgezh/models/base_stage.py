@@ -18,7 +18,7 @@ from edgezh.models import resolve
 from edgezh.progress import status
 from edgezh.recipe import BaseConfig
 
-VERSION = "1"
+VERSION = "2"  # 2: GGUF imports keep the pre-tokenizer the GGUF declares
 log = logging.getLogger("edgezh.base")
 
 
@@ -99,11 +99,31 @@ def _import_gguf(path: Path):
             model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
         except (ValueError, KeyError, OSError) as exc:
             raise UserError(f"base.path: {path}: transformers cannot import this GGUF ({exc})") from None
+    _restore_pre_tokenizer(tokenizer, path)
     # The weights are plain dequantized tensors now; drop the GGUF marker so they can be saved.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     return model, tokenizer
+
+
+def _restore_pre_tokenizer(tokenizer, path: Path) -> None:
+    """transformers' GGUF import falls back to GPT-2's pre-tokenizer when it has no regex for the one
+    the GGUF declares (SmolLM2's `smollm` loses its one-digit-per-token split); put the declared one back
+    so the imported tokenizer splits text as the original model does."""
+    from gguf import GGUFReader
+    from tokenizers import Tokenizer
+
+    from edgezh.export.gguf_writer import PRE_TOKENIZERS
+
+    field = GGUFReader(path).fields.get("tokenizer.ggml.pre")
+    declared = field.contents() if field is not None else None
+    if declared not in PRE_TOKENIZERS:
+        return
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    spec["pre_tokenizer"] = PRE_TOKENIZERS[declared]
+    tokenizer.backend_tokenizer.pre_tokenizer = Tokenizer.from_str(json.dumps(spec)).pre_tokenizer
+    log.info("pre-tokenizer restored to %s as declared by %s", declared, path.name)
 
 
 def _chat_format(cfg: BaseConfig, tokenizer_template: str | None, where: str) -> str:

@@ -26,8 +26,15 @@ Go template renders the jinja text minus the leading BOS, with these known limit
 - JSON (tools, tool-call arguments, dict tool results) is compact (``separators=(',', ':')``) as Go's
   ``json.Marshal``; keys keep the caller's order in jinja, Ollama prints tools in its struct field order
   (type, function: name, description, parameters: type, required, properties) and escapes ``<>&`` as
-  ``\\u003c`` etc. Tool-call ``arguments`` given as a JSON string are inserted verbatim by the jinja.
-- Ollama merges consecutive messages of the same role (except tool results) before rendering.
+  ``\\u003c`` etc. Ollama sorts tool-call argument keys at every level and the top-level tool
+  ``properties``; it always prints a tool's ``description`` (``""`` when absent) and drops schema keys it
+  does not model (``minimum``, ``default``). Tool-call ``arguments`` given as a JSON string are inserted
+  verbatim by the jinja.
+- Ollama merges consecutive messages of the same role (except role ``tool``; consecutive ``ipython``
+  results are merged) before rendering. An assistant text turn directly followed by an assistant
+  tool-call turn is merged by Ollama, which keeps the text and drops the calls; the jinja refuses text
+  and calls in one turn, so a conversation should not put those two turns back to back
+  (tests/test_template_truth.py pins each of these differences).
 - A final assistant message keeps its end token in both (no "continue this reply" prefill).
 
 llama3.1 tools layout. With ``tools``, the first turn is a system turn:
