@@ -112,3 +112,42 @@ def test_cli_quantize_bad_input_exits_2_and_leaves_nothing(case: str, tiny_build
     expected = {"bad-type": "q4_k_x", "not-gguf": "not a GGUF file", "missing": "no such GGUF file", "read-only": str(out_dir)}[case]
     assert expected in err
     assert not list(tmp_path.glob("**/*q4_k*"))
+
+
+def test_disk_space_is_checked_before_writing(tmp_path: Path) -> None:
+    import shutil
+
+    from edgezh.errors import UserError
+    from edgezh.export.native import ensure_writable
+
+    free = shutil.disk_usage(tmp_path).free
+    ensure_writable(tmp_path, free // 2, "a small file")  # fits
+    with pytest.raises(UserError, match=r"GiB free, a huge file needs about"):
+        ensure_writable(tmp_path, free * 2, "a huge file")
+
+
+def test_cli_convert_bad_folder_exits_2_and_writes_nothing(tiny_llama3: Path, tmp_path: Path, capsys) -> None:
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama3, model)
+    (model / "tokenizer.json").unlink()
+    assert main(["convert", str(model), "-o", str(tmp_path / "m.gguf")]) == 2
+    err = capsys.readouterr().err
+    assert "tokenizer.json" in err and "Traceback" not in err
+    assert not list(tmp_path.glob("m.gguf*"))
+
+
+def test_cli_merge_adapter_for_another_base_exits_2(tiny_llama3: Path, tmp_path: Path, capsys) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=128256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    torch.manual_seed(0)
+    get_peft_model(other, LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path / "adapter")
+    assert main(["merge", str(tiny_llama3), str(tmp_path / "adapter"), "-o", str(tmp_path / "merged")]) == 2
+    err = capsys.readouterr().err
+    assert "q_proj" in err and "shape" in err and "Traceback" not in err
+    assert not (tmp_path / "merged").exists()

@@ -368,3 +368,25 @@ def test_cli_merge_twice_says_already_merged(tiny_llama3, adapters, tmp_path, ca
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp
     assert main(["merge", str(tiny_llama3), str(adapters["all_linear"]), "-o", str(out), "--dtype", "bfloat16"]) == 0
     assert "already merged" not in capsys.readouterr().out  # a different request merges again
+
+
+def test_adapter_applied_during_conversion_equals_converting_the_merge(tiny_llama3, adapters, merged_lm_head, tmp_path) -> None:
+    """`edgezh convert --adapter` (merge fused into conversion) writes the same GGUF as merge-then-convert."""
+    from edgezh.cli import main
+
+    merged = tmp_path / "merged"
+    assert main(["merge", str(tiny_llama3), str(adapters["lm_head"]), "-o", str(merged)]) == 0
+    assert main(["convert", str(merged), "-o", str(tmp_path / "two-step.gguf"), "--template", "llama3"]) == 0
+    assert main(["convert", str(tiny_llama3), "-o", str(tmp_path / "fused.gguf"), "--template", "llama3",
+                 "--adapter", str(adapters["lm_head"])]) == 0
+    assert main(["convert", str(tiny_llama3), "-o", str(tmp_path / "plain.gguf"), "--template", "llama3"]) == 0
+
+    def tensors(name: str) -> dict[str, bytes]:
+        from gguf import GGUFReader
+
+        return {t.name: bytes(t.data.tobytes()) for t in GGUFReader(tmp_path / name).tensors}
+
+    fused = tensors("fused.gguf")
+    assert fused == tensors("two-step.gguf")  # byte for byte, every tensor
+    plain = tensors("plain.gguf")
+    assert fused["output.weight"] != plain["output.weight"] and fused["blk.0.attn_q.weight"] != plain["blk.0.attn_q.weight"]

@@ -417,6 +417,10 @@ def convert(model_dir: Path, out_file: Path, outtype: str = "f16", *, template: 
         raise UserError(f"{model_dir / 'tokenizer.json'}: missing — the GGUF writer needs the fast tokenizer's "
                         "tokenizer.json (save the tokenizer with transformers to create it)")
     plan, fallbacks, tied, n_vocab = _plan(model_dir, hp, outtype)
+    if adapter is not None:  # an adapter for another base fails here, before a byte is written
+        shapes = {t.hf_name: t.shape for t in plan if t.hf_name}
+        adapter.check_covers(set(shapes))
+        adapter.check_shapes(shapes)
 
     out_dir = out_file.parent
     if not out_dir.is_dir():
