@@ -1,0 +1,1 @@
+"""Training: SFT and DPO with TRL, LoRA/QLoRA, DeepSpeed launch."""
