@@ -139,6 +139,17 @@ def fresh_tmp(final: Path) -> Path:
     return tmp
 
 
+def scratch_dir(out: Path, cfg: Any, inputs: dict[str, "Artifact"]) -> Path:
+    """A folder that survives a killed stage (checkpoints to resume from), beside the stage's `.tmp`
+    output folder and named by a hash of the stage's config and inputs, so only a rerun of the same
+    work resumes from it. The runner deletes the stage's scratch folders once the stage is committed."""
+    config = cfg.model_dump(mode="json") if hasattr(cfg, "model_dump") else cfg
+    key = canonical_hash({"config": config, "inputs": {name: a.hash for name, a in sorted(inputs.items())}})
+    folder = out.with_name(out.name.removesuffix(".tmp") + ".scratch") / key[:16]
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def commit(tmp: Path, final: Path, manifest: dict) -> Artifact:
     """Hash the outputs in `tmp`, write the manifest, and move `tmp` to `final` atomically."""
     files, sizes = hash_outputs(tmp)
@@ -155,6 +166,9 @@ def commit(tmp: Path, final: Path, manifest: dict) -> Artifact:
     os.replace(tmp, final)
     if old.exists():
         shutil.rmtree(old)
+    scratch = final.with_name(final.name + ".scratch")
+    if scratch.exists():
+        shutil.rmtree(scratch)
     return Artifact(manifest["stage"], final, files, manifest.get("info", {}))
 
 
