@@ -7,9 +7,11 @@ quantizer sees the Chinese conversations the model will actually serve. Runs on 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import tempfile
 from pathlib import Path
 
 from edgezh import templates
@@ -53,9 +55,12 @@ def quantize_gptq(model_dir: Path, out: Path, texts: list[str], *, bits: int = 4
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
     torch.manual_seed(0)
     config = QuantizeConfig(bits=bits, group_size=group_size, desc_act=desc_act)
-    model = GPTQModel.load(str(model_dir), config, device="cuda" if torch.cuda.is_available() else "cpu")
-    model.quantize(texts, batch_size=1)
-    model.save(str(out))
+    model_dir, out = model_dir.resolve(), out.resolve()
+    # GPTQModel writes per-layer logs into ./logs of the current directory: keep them out of the user's.
+    with tempfile.TemporaryDirectory(prefix="edgezh-gptq-") as scratch, contextlib.chdir(scratch):
+        model = GPTQModel.load(str(model_dir), config, device="cuda" if torch.cuda.is_available() else "cpu")
+        model.quantize(texts, batch_size=1)
+        model.save(str(out))
     return {"bits": bits, "group_size": group_size, "desc_act": desc_act, "calibration_samples": len(texts),
             "bytes": sum(p.stat().st_size for p in out.glob("*.safetensors")),
             "device": "cuda" if torch.cuda.is_available() else "cpu"}
