@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 TemplateName = Literal["llama3", "llama3.1", "chatml"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
@@ -82,6 +82,7 @@ class BaseConfig(Section):
 # ---------------------------------------------------------------- data
 
 DataFormat = Literal["auto", "messages", "sharegpt", "alpaca", "dpo", "react", "function_calling"]
+LOSS_SCALE_FIELDS = ("thought", "action", "action_input", "observation", "final_answer", "tool_call")
 
 
 class DataSource(Section):
@@ -91,10 +92,16 @@ class DataSource(Section):
     hub: str | None = Field(None, description="Hugging Face dataset id, read through the datasets cache.")
     builtin: Literal["hsk-chat", "hsk-dpo"] | None = Field(None, description="A data set edgezh builds offline from installed packages: "
                                                             "`hsk-chat` (Chinese chat from HSK sentences), `hsk-dpo` (Chinese-over-English preference pairs).")
+    name: str | None = Field(None, pattern=r"^[^\s]+$", description="Name of the source in the outputs (`source` column, stats); "
+                             "default: the builtin, the hub id or the file name.")
     split: str = Field("train", description="Split to read from a hub dataset.")
-    format: DataFormat = Field("auto", description="Record layout; `auto` detects it from the columns.")
-    weight: PosFloat | None = Field(None, description="Relative share in the mix (exclusive with `samples`).")
-    samples: PosInt | None = Field(None, description="Exact number of records to take (exclusive with `weight`).")
+    subset: str | None = Field(None, description="Configuration (subset) name of a hub dataset that has several.")
+    format: DataFormat = Field("auto", description="Record layout; `auto` detects it from the columns (rules: `edgezh.data.formats`).")
+    weight: PosFloat | None = Field(None, description="Relative share in the mix (exclusive with `samples`): the weighted sources "
+                                    "share their group as w / sum(w), as large as the scarcest of them allows without repeats.")
+    samples: PosInt | None = Field(None, description="Exact number of records to take, held-out ones included (exclusive with `weight`).")
+    replace: bool = Field(False, description="Draw with replacement (upsample a small source); off: never repeat a record, "
+                          "and asking for more records than the source has is an error.")
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataSource":
@@ -103,6 +110,8 @@ class DataSource(Section):
             raise ValueError(f"give exactly one of path, hub, builtin (got {', '.join(given) or 'none'})")
         if self.weight is not None and self.samples is not None:
             raise ValueError("give `weight` or `samples`, not both")
+        if self.subset is not None and self.hub is None:
+            raise ValueError("`subset` is only used with `hub`")
         return self
 
 
@@ -116,7 +125,24 @@ class DataConfig(Section):
     too_long: Literal["drop", "truncate"] = Field("drop", description="What to do with longer examples.")
     dedup: bool = Field(True, description="Drop exact duplicate conversations.")
     on_error: Literal["fail", "skip"] = Field("fail", description="Malformed records fail the build, or are skipped and counted.")
-    loss_scale: dict[str, PosFloat] = Field(default_factory=dict, description="Loss weight per agent field, e.g. {action: 2.0, action_input: 2.0, tool_call: 2.0}.")
+    loss_scale: dict[str, PosFloat] = Field(default_factory=dict, description="Loss weight per agent field, e.g. {action: 2.0, action_input: 2.0, tool_call: 2.0}. "
+                                            f"Fields: {', '.join(LOSS_SCALE_FIELDS)} (ReAct lines in assistant turns; tool-call JSON).")
+
+    @field_validator("loss_scale")
+    @classmethod
+    def _known_fields(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(value) - set(LOSS_SCALE_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown loss_scale field(s) {', '.join(unknown)} (allowed: {', '.join(LOSS_SCALE_FIELDS)})")
+        return value
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "DataConfig":
+        names = [s.name for s in self.sources if s.name is not None]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"source name(s) used twice: {', '.join(repeated)}")
+        return self
 
 
 # ---------------------------------------------------------------- training
@@ -184,6 +210,8 @@ class SFTConfig(TrainCommon):
     packing: bool = Field(False, description="Pack examples padding-free.")
     rope_theta: PosFloat | None = Field(None, description="Override the RoPE base (context extension).")
     max_position_embeddings: PosInt | None = Field(None, description="Override the declared context length (context extension).")
+    save_steps: PosInt = Field(100, description="Checkpoint every N optimizer steps into the stage's scratch folder; a rerun after an interruption resumes from the last complete checkpoint (only the adapter is saved for LoRA, plus optimizer state).")
+    eval_steps: PosInt | None = Field(None, description="Evaluate on the held-out split every N steps; left out, once after training. The eval loss goes to the log and the manifest.")
 
 
 class DPOConfig(TrainCommon):
@@ -191,7 +219,9 @@ class DPOConfig(TrainCommon):
 
     learning_rate: PosFloat = Field(5e-6, description="Peak learning rate.")
     beta: PosFloat = Field(0.1, description="Strength of the KL penalty toward the reference model.")
-    loss_type: Literal["sigmoid", "ipo", "orpo"] = Field("sigmoid", description="Preference loss.")
+    loss_type: Literal["sigmoid", "ipo", "orpo"] = Field("sigmoid", description="Preference loss. `orpo` is refused at run time: TRL 1.16 has it only as an experimental separate trainer.")
+    save_steps: PosInt = Field(100, description="Checkpoint every N optimizer steps into the stage's scratch folder; a rerun after an interruption resumes from the last complete checkpoint (only the adapter is saved for LoRA, plus optimizer state).")
+    eval_steps: PosInt | None = Field(None, description="Evaluate on the held-out split every N steps; left out, once after training. The eval loss goes to the log and the manifest.")
 
 
 # ---------------------------------------------------------------- export
@@ -256,38 +286,63 @@ class ModelfileConfig(Section):
 
 
 class MCSet(Section):
-    """A multiple-choice benchmark."""
+    """A multiple-choice benchmark, scored by the log-likelihood of the answer letter."""
 
-    path: str | None = Field(None, description="Folder in the official C-Eval or CMMLU layout.")
-    builtin: Literal["hsk-translate"] | None = Field(None, description="`hsk-translate`: choose the right translation out of four.")
-    layout: Literal["ceval", "cmmlu", "builtin"] = Field("builtin", description="Folder layout.")
-    shots: list[Literal[0, 5]] = Field(default_factory=lambda: [0], description="Few-shot settings to score.")
+    path: str | None = Field(None, description="Folder in the official C-Eval layout (`dev/<subject>_dev.csv`, `val/<subject>_val.csv`; "
+                             "the val split is scored, C-Eval's test split has no public answers) or CMMLU layout "
+                             "(`dev/<subject>.csv`, `test/<subject>.csv`).")
+    builtin: Literal["hsk-translate"] | None = Field(None, description="`hsk-translate`: choose the right English translation of an HSK sentence "
+                                                     "out of four (one subject per HSK level; built offline, seeded).")
+    layout: Literal["ceval", "cmmlu", "builtin"] = Field("builtin", description="Folder layout: `ceval` or `cmmlu` with `path`, `builtin` with `builtin`.")
+    shots: list[Literal[0, 5]] = Field(default_factory=lambda: [0], description="Few-shot settings to score (examples from the dev split).")
+    max_questions: PosInt | None = Field(None, description="Score at most this many questions per subject (the first ones in file order). "
+                                         "Left out: all of them; `hsk-translate` makes 20 per level.")
+    seed: int = Field(0, description="Seed of `hsk-translate` (which sentences, which distractors, where the right answer goes).")
 
     @model_validator(mode="after")
     def _one(self) -> "MCSet":
         if (self.path is None) == (self.builtin is None):
             raise ValueError("give exactly one of path, builtin")
+        if self.path is not None and self.layout == "builtin":
+            raise ValueError("a `path` needs `layout: ceval` or `layout: cmmlu`")
+        if self.builtin is not None and self.layout != "builtin":
+            raise ValueError(f"`builtin` sets have layout `builtin`, not `{self.layout}`")
+        if len(set(self.shots)) != len(self.shots):
+            raise ValueError("shots lists a setting twice")
         return self
 
 
 class Gates(Section):
-    """Limits that fail the build (after the report is written)."""
+    """Limits that fail the build (after the report is written). Each applies to every quantized variant
+    (each GGUF quant and the GPTQ checkpoint) against the reference: the converted GGUF (F16 by default)."""
 
-    max_kld: PosFloat | None = Field(None, description="Largest mean KL divergence of any quant vs F16.")
-    min_top1: float | None = Field(None, ge=0.0, le=1.0, description="Smallest top-1 agreement of any quant vs F16.")
-    max_ppl_ratio: PosFloat | None = Field(None, description="Largest perplexity ratio of any quant vs F16.")
+    max_kld: PosFloat | None = Field(None, description="Largest mean KL divergence (nats per token, all corpora pooled) of any quant vs F16.")
+    min_top1: float | None = Field(None, ge=0.0, le=1.0, description="Smallest top-1 agreement (share of tokens whose most likely next token is the same) of any quant vs F16.")
+    max_ppl_ratio: PosFloat | None = Field(None, description="Largest perplexity ratio of any quant vs F16, on any corpus.")
 
 
 class EvalConfig(Section):
-    """Quality report: perplexity, KL divergence, multiple choice, Chinese-reply rate."""
+    """Quality report: perplexity, KL divergence, multiple choice, Chinese-reply rate (see edgezh/eval)."""
 
-    texts: list[str] = Field(default_factory=lambda: ["heldout"], description="Perplexity corpora: `heldout`, `hsk`, `peoples-daily`, or text files.")
-    context_length: PosInt = Field(512, description="Tokens per perplexity window.")
-    stride: PosInt = Field(256, description="Step between windows.")
+    texts: list[str] = Field(default_factory=lambda: ["heldout"], description="Perplexity corpora: `heldout` (the assistant replies of the "
+                             "data stage's held-out conversations), `hsk`, `peoples-daily`, or UTF-8 text files (relative to the current "
+                             "directory, or `pkg://PACKAGE/FILE`).")
+    context_length: PosInt = Field(512, description="Tokens per perplexity window (BOS included when the chat format has one).")
+    stride: PosInt = Field(256, description="Step between windows; each window scores only the tokens the previous one did not.")
     max_tokens: PosInt = Field(20000, description="Tokens scored per corpus.")
     multiple_choice: list[MCSet] = Field(default_factory=list, description="Multiple-choice sets.")
+    mc_max_length: PosInt = Field(2048, description="Longest multiple-choice prompt in tokens: few-shot examples are dropped, longest "
+                                  "first, until a prompt fits (as CMMLU's script does).")
     chinese_reply_prompts: int = Field(32, ge=0, description="Held-out Chinese prompts answered greedily to measure the Chinese-reply rate.")
+    reply_max_tokens: PosInt = Field(64, description="Longest greedy reply, in tokens, for the Chinese-reply rate.")
     gates: Gates = Field(default_factory=Gates, description="Quality gates.")
+
+    @model_validator(mode="after")
+    def _windows(self) -> "EvalConfig":
+        if self.stride >= self.context_length:
+            raise ValueError(f"stride ({self.stride}) must be smaller than context_length ({self.context_length}), "
+                             "so that every token falls inside a window")
+        return self
 
 
 class OutputConfig(Section):

@@ -42,7 +42,7 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("base", "base", lambda r: True, lambda r: r.base, lambda r: [],
               "edgezh.models.base_stage", "resolve the base model into a safetensors folder with its chat format"),
     StageSpec("data", "data", lambda r: r.data is not None, lambda r: r.data, lambda r: ["base"],
-              None, "read, mix, split and encode the training data"),
+              "edgezh.data.stage", "read, mix, split and encode the training data"),
     StageSpec("sft", "sft", lambda r: r.sft is not None, lambda r: r.sft, lambda r: ["base", "data"],
               None, "supervised fine-tuning (TRL; LoRA/QLoRA/full; DeepSpeed)"),
     StageSpec("dpo", "dpo", lambda r: r.dpo is not None, lambda r: r.dpo,

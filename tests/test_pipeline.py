@@ -176,3 +176,18 @@ def test_cli_rerun_reports_cached_and_dry_run_shows_plan(tmp_path: Path) -> None
     changed = run_cli(*args, "base.init.seed=7", "--dry-run", cwd=tmp_path)
     assert re.search(r"│ base\s+│ 01-base\s+│ will run", changed.stdout), changed.stdout
     assert "~0.067 B parameters" in changed.stdout  # 2 layers × 256 with a 128 256-token vocabulary, untied
+
+
+def test_enabled_stage_this_version_lacks_fails_clearly(tmp_path: Path) -> None:
+    """A stage in the table without a module (how a stage looks before it is built) is refused, not skipped."""
+    from dataclasses import replace
+
+    from pipeline_stages import COUNT
+
+    missing = replace(COUNT, module=None)
+    with pytest.raises(PlanError) as info:
+        make_plan(_recipe(tmp_path), stages=(TEST_STAGES[0], missing))
+    assert "does not have yet: count (`description`)" in str(info.value)
+    assert "run with --until base" in str(info.value)
+    plan = make_plan(_recipe(tmp_path), stages=(TEST_STAGES[0], missing), until="base")
+    assert [s.status for s in plan.steps] == ["run", "skipped"]

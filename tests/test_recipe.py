@@ -62,7 +62,6 @@ BAD = {
     "bad-override-syntax": (TINY, ["hidden_size"], "override 'hidden_size' is not key.path=value"),
     "unknown-override-key": (TINY, ["sft.lora.rnak=4"], "unknown key 'rnak'; did you mean 'rank'?"),
     "mc-both-sources": (TINY + "eval: {multiple_choice: [{builtin: hsk-translate, path: x}]}\n", [], "eval.multiple_choice.0"),
-    "unavailable-stage": (TINY + "data: {sources: [{builtin: hsk-chat}]}\n", [], "does not have yet: data (`data`)"),
     "until-unknown-stage": (TINY, ["--until", "merge"], "--until merge: the recipe does not enable stage 'merge'"),
     "until-typo": (TINY, ["--until", "bsae"], "--until bsae: no such stage"),
 }
