@@ -59,5 +59,5 @@ STAGES: tuple[StageSpec, ...] = (
               lambda r: ["base", "gguf"] + (["quantize"] if r.export.gguf and r.export.gguf.quantize else []),
               "edgezh.export.modelfile_stage", "Ollama Modelfiles"),
     StageSpec("eval", "eval", lambda r: r.eval is not None, lambda r: r.eval,
-              lambda r: [s.name for s in STAGES[:-1] if s.enabled(r)], None, "quality report"),
+              lambda r: [s.name for s in STAGES[:-1] if s.enabled(r)], "edgezh.eval.stage", "quality report"),
 )

@@ -1,0 +1,235 @@
+"""`report.md`: one page a person reads top-down, built from the eval stage's results.
+
+Layout: title and gate verdict; what was built (stages, hashes, files with sizes and bits per
+weight, the recipe sections); perplexity; KL divergence and top-1 agreement; multiple choice by
+category; Chinese-reply rate; speed on this machine; plots and training curves; gates; how to run
+it (Ollama commands, `edgezh chat`); notes. Figures sit in `report/` beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from edgezh.artifacts import MANIFEST, Artifact
+from edgezh.eval.categories import CATEGORIES, CHINA_SPECIFIC
+
+SECTIONS = ("What was built", "Perplexity", "KL divergence", "Multiple choice", "Chinese-reply rate",
+            "Speed on this machine", "Plots", "Training curves", "Gates", "Run it")
+_INFO_FIRST = ("template", "source", "method", "dtype", "params", "outtype", "file", "bytes", "bits", "group_size")
+_INFO_SKIP = {"exports", "model_path", "quants", "models", "f16_fallback", "stop_ids", "fallback", "tensor_types"}
+
+
+def built(inputs: dict[str, Artifact]) -> list[dict]:
+    """One row per input stage: folder, hash, the recipe section it ran with, a few facts."""
+    rows = []
+    for name, artifact in inputs.items():
+        manifest = {}
+        try:
+            manifest = json.loads((artifact.path / MANIFEST).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            pass
+        keys = [k for k in _INFO_FIRST if k in artifact.info] + sorted(k for k in artifact.info if k not in _INFO_FIRST)
+        facts = {k: artifact.info[k] for k in keys if k not in _INFO_SKIP and isinstance(artifact.info[k], (str, int, float, bool))}
+        rows.append({"stage": name, "folder": artifact.path.name, "hash": artifact.hash, "config": manifest.get("config"),
+                     "wall_s": manifest.get("wall_s"), "facts": facts,
+                     "bytes": sum((artifact.path / rel).stat().st_size for rel in artifact.files if (artifact.path / rel).is_file())})
+    return rows
+
+
+def ollama_commands(inputs: dict[str, Artifact], root: Path) -> list[list[str]]:
+    from edgezh.export.modelfile import commands
+
+    if "modelfile" not in inputs:
+        return []
+    return [commands(root / "export", model, kind) for kind, model in inputs["modelfile"].info.get("models", {}).items()]
+
+
+def copy_training_plots(inputs: dict[str, Artifact], folder: Path) -> list[str]:
+    """The PNG plots the training stages wrote, copied as `report/<stage>-<file>.png`."""
+    copied = []
+    for stage in ("sft", "dpo"):
+        if stage not in inputs:
+            continue
+        for png in sorted(inputs[stage].path.rglob("*.png")):
+            name = f"{stage}-{png.name}"
+            shutil.copyfile(png, folder / name)
+            copied.append(f"{folder.name}/{name}")
+    return copied
+
+
+# ------------------------------------------------------------------ rendering
+
+
+def _mib(n: int | None) -> str:
+    return "" if n is None else f"{n / 2**20:,.1f} MiB"
+
+
+def _num(x, fmt: str = ".3f") -> str:
+    return "—" if x is None else format(x, fmt)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def render(r: dict) -> str:
+    lines: list[str] = [f"# {r['name']}: quality report", ""]
+    failed = [g for g in r.get("gates", []) if not g["passed"]]
+    if failed:
+        lines += [f"**Gates: FAILED** ({len(failed)}): " + "; ".join(g["message"] for g in failed), ""]
+    elif r.get("gates"):
+        lines += ["**Gates: passed** (" + ", ".join(sorted({g["gate"] for g in r["gates"]})) + ")", ""]
+    lines += [f"edgezh {r['edgezh']}, chat format `{r['template']}`, {time.strftime('%Y-%m-%d %H:%M')}. "
+              f"Chat with it: `{r['chat']}`", ""]
+    lines += _built(r) + _perplexity(r) + _kld(r) + _mc(r) + _replies(r) + _speed(r) + _plots(r) + _gates(r) + _run(r)
+    if r.get("notes"):
+        lines += ["## Notes", ""] + [f"- {n}" for n in r["notes"]] + [""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _built(r: dict) -> list[str]:
+    lines = ["## What was built", ""]
+    rows = []
+    for b in r.get("built", []):
+        facts = ", ".join(f"{k}={v}" for k, v in list(b["facts"].items())[:6])
+        rows.append([b["stage"], f"`{b['folder']}`", f"`{b['hash'][:12]}`", _mib(b["bytes"]), facts])
+    lines += _table(["stage", "folder", "hash", "size", "facts"], rows) + [""]
+    files = [[name, v["engine"], f"`{Path(v.get('file') or v.get('folder') or v.get('adapter') or '').name}`",
+              _mib(v.get("bytes")), _num(v.get("bits_per_weight") or v.get("bits"), "g") if (v.get("bits_per_weight") or v.get("bits")) else "—"]
+             for name, v in r["variants"].items()]
+    lines += ["Variants evaluated (each row a model the build made):", ""]
+    lines += _table(["variant", "engine", "file / folder", "size", "bits per weight"], files) + [""]
+    recipe = {b["stage"]: b["config"] for b in r.get("built", []) if b.get("config") is not None}
+    if recipe:
+        lines += ["<details><summary>Recipe sections each stage ran with (from its manifest)</summary>", "", "```json",
+                  json.dumps(recipe, indent=1, ensure_ascii=False), "```", "", "</details>", ""]
+    return lines
+
+
+def _perplexity(r: dict) -> list[str]:
+    m = r["method"]
+    lines = ["## Perplexity", ""]
+    corpora = list(r.get("corpora", {}))
+    if not corpora or not r.get("perplexity"):
+        return lines + ["No perplexity corpus was available (see Notes).", ""]
+    lines += [f"Sliding windows of {m['context_length']} tokens{' (BOS first)' if m['bos'] else ''}, stride {m['stride']}: "
+              "each window scores only the tokens the previous one did not reach, so every token is scored once "
+              f"with at least {m['context_length'] - int(m['bos']) - m['stride']} tokens of context after the first window. "
+              "Texts are tokenized once with the base's tokenizer; transformers and llama.cpp (F32 KV cache) read "
+              "the same ids. Lower is better.", ""]
+    header = ["variant", "engine"] + [f"{c} ({r['corpora'][c]['tokens']} tokens)" for c in corpora]
+    rows = [[name, r["variants"][name]["engine"]] + [_num(values.get(c), ",.3f") for c in corpora]
+            for name, values in r["perplexity"].items()]
+    lines += _table(header, rows) + [""]
+    lines += ["Sources: " + "; ".join(f"`{c}`: {r['corpora'][c]['source']}" for c in corpora), ""]
+    return lines
+
+
+def _kld(r: dict) -> list[str]:
+    k = r.get("kld") or {}
+    lines = ["## KL divergence and top-1 agreement", ""]
+    if not k.get("variants"):
+        return lines + ["No quantized variant in this build: nothing to compare.", ""]
+    lines += [f"Each quantized variant against `{k['reference']}`, token by token over the full vocabulary on the "
+              "perplexity tokens (as llama.cpp's `perplexity --kl-divergence`): KLD in nats per token; top-1 = share of "
+              "tokens whose most likely next token is the same. Perplexity ratio: worst corpus.", ""]
+    rows = []
+    for name, v in k["variants"].items():
+        a = v.get("all", {})
+        ratio = max((x for x in v.get("ppl_ratio", {}).values() if x is not None), default=None)
+        bpw = r["variants"][name].get("bits_per_weight") or r["variants"][name].get("bits")
+        rows.append([name, _num(bpw, "g") if bpw else "—", _num(a.get("mean"), ".5f"), _num(a.get("p99"), ".5f"),
+                     _num(a.get("max"), ".4f"), _num(a.get("top1"), ".2%"), _num(ratio, ".4f"), str(a.get("tokens", 0))])
+    lines += _table(["variant", "bits per weight", "mean KLD", "p99 KLD", "max KLD", "top-1", "PPL ratio", "tokens"], rows) + [""]
+    return lines
+
+
+def _mc(r: dict) -> list[str]:
+    lines = ["## Multiple choice", ""]
+    if not r.get("multiple_choice"):
+        return lines + ["No multiple-choice set in the recipe (`eval.multiple_choice`).", ""]
+    lines += ["Scored by the log-likelihood of the answer letter (A–D) after the prompt; categories are the mean of their "
+              "subjects' accuracies, overall the mean over subjects. Chance is 25%.", ""]
+    for entry in r["multiple_choice"]:
+        variants = entry["by_variant"]
+        groups = []
+        for summary in variants.values():
+            for g in summary["groups"]:
+                if g not in groups:
+                    groups.append(g)
+        order = [g for g in (*CATEGORIES, "Hard", CHINA_SPECIFIC) if g in groups] + [g for g in groups if g not in (*CATEGORIES, "Hard", CHINA_SPECIFIC)]
+        lines += [f"### {entry['set']}, {entry['shots']}-shot ({entry['questions']} questions)", ""]
+        if entry["layout"] == "builtin":
+            subjects = list(next(iter(variants.values()))["subjects"]) if variants else []
+            rows = [[name, _num(s["overall"], ".1%")] + [_num(s["subjects"][x]["accuracy"], ".1%") for x in subjects]
+                    for name, s in variants.items()]
+            lines += _table(["variant", "overall"] + subjects, rows) + [""]
+        else:
+            rows = [[name, _num(s["overall"], ".1%")] + [_num(s["groups"].get(g), ".1%") for g in order] for name, s in variants.items()]
+            lines += _table(["variant", "overall"] + order, rows) + [""]
+        dropped = max((s.get("fewer_shots", 0) for s in variants.values()), default=0)
+        if dropped:
+            lines += [f"{dropped} prompt(s) lost examples to fit `mc_max_length`.", ""]
+    return lines
+
+
+def _replies(r: dict) -> list[str]:
+    c = r.get("chinese_reply") or {}
+    lines = ["## Chinese-reply rate", ""]
+    if not c.get("by_variant"):
+        return lines + [f"Not measured: {c.get('source', 'no prompts')}.", ""]
+    lines += [f"{c['prompts']} prompts ({c['source']}), greedy replies of at most {c.get('max_tokens', '?')} tokens; a reply "
+              "counts as Chinese when more than half of its units are CJK ideographs (a unit: one ideograph, or one run of "
+              "other letters and digits such as an English word).", ""]
+    rows = [[name, _num(v["rate"], ".1%"), _num(v["mean_cjk_share"], ".2f"),
+             (v["examples"][0][:60].replace("|", "\\|").replace("\n", " ") if v["examples"] else "")]
+            for name, v in c["by_variant"].items()]
+    return lines + _table(["variant", "Chinese replies", "mean CJK share", "first reply"], rows) + [""]
+
+
+def _speed(r: dict) -> list[str]:
+    lines = ["## Speed on this machine", ""]
+    if r.get("speed"):
+        first = next(iter(r["speed"].values()))
+        lines += [f"llama.cpp with its default settings (F16 KV cache), {first['threads']} thread(s) of {first['cpu_count']} cores: "
+                  f"a {first['prompt_tokens']}-token prompt, then {first['gen_tokens']} generated tokens. One run: indicative.", ""]
+        rows = [[name, _num(v["prompt_tps"], ",.1f"), _num(v["gen_tps"], ",.1f")] for name, v in r["speed"].items()]
+        lines += _table(["GGUF", "prompt tokens/s", "generation tokens/s"], rows) + [""]
+    else:
+        lines += ["No GGUF in this build.", ""]
+    if r.get("scoring_tps"):
+        lines += ["Evaluation throughput (tokens read per second while scoring, this report's settings):", ""]
+        lines += _table(["variant", "tokens/s"], [[n, _num(v, ",.1f")] for n, v in r["scoring_tps"].items()]) + [""]
+    return lines
+
+
+def _plots(r: dict) -> list[str]:
+    figures = r.get("figures", [])
+    ours = [f for f in figures if Path(f).name in ("perplexity.png", "kld.png")]
+    training = [f for f in figures if f not in ours]
+    lines = ["## Plots", ""] + [f"![{Path(f).stem}]({f})" for f in ours] + [""]
+    lines += ["## Training curves", ""]
+    lines += [f"![{Path(f).stem}]({f})" for f in training] if training else ["No training plots in this build."]
+    return lines + [""]
+
+
+def _gates(r: dict) -> list[str]:
+    lines = ["## Gates", ""]
+    if not r.get("gates"):
+        return lines + ["No gates in the recipe (`eval.gates`).", ""]
+    rows = [[g["gate"], g["variant"], _num(g["value"], ".6g"), format(g["limit"], "g"), "pass" if g["passed"] else "**FAIL**"]
+            for g in r["gates"]]
+    return lines + _table(["gate", "variant", "value", "limit", "result"], rows) + [""]
+
+
+def _run(r: dict) -> list[str]:
+    lines = ["## Run it", ""]
+    if r.get("ollama"):
+        lines += ["With Ollama:", "", "```bash"] + [line for pair in r["ollama"] for line in pair] + ["```", ""]
+    else:
+        lines += ["No Modelfiles in this build (add a `modelfile` section for Ollama).", ""]
+    lines += ["In the terminal chat:", "", "```bash", r["chat"], "```", ""]
+    return lines

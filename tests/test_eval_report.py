@@ -1,0 +1,150 @@
+"""The eval stage in a real build: the tiny-llama3 recipe (base → gguf → quantize → modelfile) plus `eval`,
+its report at builds/<name>/report.md, the figures in the manifest, and a gate that fails the build."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import FIXTURES, TINY_RECIPE
+from edgezh.cli import main
+from edgezh.eval.report import SECTIONS
+
+EVAL = ["eval.texts=[hsk]", "eval.max_tokens=300", "eval.context_length=96", "eval.stride=48",
+        "eval.multiple_choice=[{builtin: hsk-translate, max_questions: 2, shots: [0, 5]}]", "eval.mc_max_length=512",
+        "eval.chinese_reply_prompts=3", "eval.reply_max_tokens=6"]
+
+
+QUICK = ["eval.multiple_choice=[]", "eval.chinese_reply_prompts=0"]  # gate runs: perplexity and KLD only
+
+
+def _build(root: Path, *extra: str) -> int:
+    return main(["build", str(TINY_RECIPE), f"output.root={root}", *EVAL, *extra])
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    """The tiny-llama3 recipe built up to its Modelfiles by the pipeline, cached in the fixture folder like
+    the other fixtures, then copied here: the build below finds those stages cached and runs `eval`."""
+    from edgezh.pipeline import build_lock, make_plan, run_plan
+    from edgezh.recipe_load import load_recipe
+
+    plan = make_plan(load_recipe(TINY_RECIPE, [f"output.root={FIXTURES / 'eval-export'}"]))
+    with build_lock(plan.root):
+        run_plan(plan)
+    root = tmp_path_factory.mktemp("eval-build")
+    shutil.copytree(plan.root, root / "tiny-llama3", copy_function=_link_or_copy,
+                    ignore=shutil.ignore_patterns("build.log", ".lock", "*.tmp", "export"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def built(exported: Path) -> dict:
+    """The build, and what it wrote read at once (the gate test rewrites the build root later)."""
+    root = exported
+    assert _build(root) == 0
+    build = root / "tiny-llama3"
+    eval_dir = build / "10-eval"
+    return {
+        "build": build,
+        "report": (build / "report.md").read_text(encoding="utf-8"),
+        "artifact_report": (eval_dir / "report.md").read_text(encoding="utf-8"),
+        "manifest": json.loads((eval_dir / "manifest.json").read_text(encoding="utf-8")),
+        "results": json.loads((build / "report" / "results.json").read_text(encoding="utf-8")),
+        "quantize": json.loads((build / "07-quantize" / "manifest.json").read_text(encoding="utf-8")),
+        "gguf": json.loads((build / "06-gguf" / "manifest.json").read_text(encoding="utf-8")),
+        "modelfile": json.loads((build / "09-modelfile" / "manifest.json").read_text(encoding="utf-8")),
+    }
+
+
+def _section(report: str, title: str) -> str:
+    match = re.search(rf"^## {re.escape(title)}.*?$(.*?)(?=^## |\Z)", report, re.M | re.S)
+    assert match, f"no section {title!r}"
+    return match.group(1)
+
+
+def test_report_has_every_section_in_reading_order(built) -> None:
+    report = built["report"]
+    assert report == built["artifact_report"]  # the build root's copy is the artifact's report
+    assert report.startswith("# tiny-llama3: quality report")
+    positions = [report.index(f"\n## {title}") for title in SECTIONS]
+    assert positions == sorted(positions)
+    assert f"edgezh chat {built['build']}" in report
+
+
+def test_what_was_built_names_hashes_sizes_and_bits_per_weight(built) -> None:
+    text = _section(built["report"], "What was built")
+    assert f"`{built['gguf']['hash'][:12]}`" in text and f"`{built['quantize']['hash'][:12]}`" in text
+    for kind, q in built["quantize"]["info"]["quants"].items():
+        assert re.search(rf"^\| {kind} \| llama\.cpp \| `tiny-llama3-{kind}\.gguf` \| {q['bytes'] / 2**20:,.1f} MiB \| {q['bits_per_weight']:g} \|$",
+                         text, re.M), kind
+    assert '"outtype": "f16"' in text and '"types": [' in text  # the recipe sections, from the manifests
+
+
+def test_tables_hold_the_manifest_figures(built) -> None:
+    info = built["manifest"]["info"]
+    report = built["report"]
+    ppl = info["perplexity"]
+    assert set(ppl) == {"base", "f16", "q4_k_m", "q8_0"}
+    # transformers (float32) and the F16 GGUF read the same 300 tokens: nearly the same perplexity
+    assert info["corpora"]["hsk"]["tokens"] == 300 and abs(ppl["f16"]["hsk"] / ppl["base"]["hsk"] - 1) < 0.01
+    rows = _section(report, "Perplexity")
+    for name, values in ppl.items():
+        assert re.search(rf"^\| {name} \| \S+ \| {values['hsk']:,.3f} \|$", rows, re.M), name
+    kld = info["kld"]
+    assert kld["reference"] == "f16" and set(kld["variants"]) == {"q4_k_m", "q8_0"}
+    assert kld["variants"]["q8_0"]["all"]["mean"] < kld["variants"]["q4_k_m"]["all"]["mean"]
+    kld_text = _section(report, "KL divergence")
+    for name, v in kld["variants"].items():
+        assert f"| {name} |" in kld_text and f"{v['all']['mean']:.5f}" in kld_text and f"{v['all']['top1']:.2%}" in kld_text
+    mc = info["multiple_choice"]
+    assert [(m["set"], m["shots"], m["questions"]) for m in mc] == [("hsk-translate", 0, 12), ("hsk-translate", 5, 12)]
+    assert set(mc[1]["by_variant"]) == set(ppl)
+    mc_text = _section(report, "Multiple choice")
+    assert "### hsk-translate, 5-shot (12 questions)" in mc_text and "| variant | overall | hsk1 |" in mc_text
+    replies = info["chinese_reply"]
+    assert replies["prompts"] == 3 and set(replies["by_variant"]) == set(ppl)
+    assert "HSK sentences" in replies["source"]  # no data stage: the fallback prompts, said so
+    assert set(info["speed"]) == {"f16", "q4_k_m", "q8_0"} and all(v["gen_tps"] > 0 for v in info["speed"].values())
+    assert "`heldout`" not in report and built["results"]["perplexity"] == ppl
+
+
+def test_plots_and_commands(built) -> None:
+    report, build = built["report"], built["build"]
+    for name in ("perplexity", "kld"):
+        assert f"![{name}](report/{name}.png)" in report
+        assert (build / "report" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "No training plots in this build." in _section(report, "Training curves")
+    run = _section(report, "Run it")
+    for kind, model in built["modelfile"]["info"]["models"].items():
+        assert f"ollama create {model} -f {build / 'export' / f'Modelfile.{kind}'}\nollama run {model}" in run
+
+
+def test_impossible_gate_fails_the_build_and_keeps_the_report(built, capsys) -> None:
+    build = built["build"]
+    assert _build(build.parent, *QUICK, "eval.gates.max_kld=1e-12") == 2
+    err = capsys.readouterr().err
+    assert "eval gate failed (2)" in err and re.search(r"q4_k_m: mean KLD vs f16 [\d.e-]+ exceeds max_kld 1e-12", err)
+    assert f"{build / 'report.md'}" in err.replace("\n", "")
+    report = (build / "report.md").read_text(encoding="utf-8")
+    assert report.startswith("# tiny-llama3: quality report\n\n**Gates: FAILED** (2)")
+    assert re.search(r"^\| max_kld \| q8_0 \| [\d.e-]+ \| 1e-12 \| \*\*FAIL\*\* \|$", _section(report, "Gates"), re.M)
+    gates = json.loads((build / "report" / "results.json").read_text(encoding="utf-8"))["gates"]
+    assert {g["variant"] for g in gates if not g["passed"]} == {"q4_k_m", "q8_0"}
+    assert not (build / "10-eval").exists() and not (build / "10-eval.tmp").exists()
+    # relaxing the gate evaluates again (nothing stale is cached) and the root report passes
+    assert _build(build.parent, *QUICK, "eval.gates.max_kld=10") == 0
+    report = (build / "report.md").read_text(encoding="utf-8")
+    assert "**Gates: passed** (max_kld)" in report and "FAIL" not in report
