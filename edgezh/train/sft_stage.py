@@ -1,0 +1,55 @@
+"""Stage `sft`: supervised fine-tuning of the base on the data artifact's encoded examples.
+
+Writes `adapter/` (a plain peft LoRA folder, safetensors) or, for `method: full`, `model/` (the
+whole model with the base's tokenizer files); `trainer_log.jsonl`; `loss.png`, `learning_rate.png`.
+Checkpoints go to the stage's scratch folder (`edgezh.artifacts.scratch_dir`), so a rerun after an
+interruption resumes from the last one. Importing this module loads nothing heavy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgezh.artifacts import Artifact, scratch_dir
+from edgezh.errors import UserError
+from edgezh.models.base_stage import model_dir
+from edgezh.recipe import SFTConfig, TrainCommon
+from edgezh.train.job import TrainJob, run_job
+
+VERSION = "1"
+
+
+def single_process(cfg: TrainCommon, section: str) -> None:
+    """Multi-process launch (DeepSpeed / several processes or machines) is not wired in yet."""
+    asked = [f"{k}: {getattr(cfg, k)}" for k in ("deepspeed", "hostfile") if getattr(cfg, k) is not None]
+    asked += [f"{k}: {getattr(cfg, k)}" for k in ("num_processes", "num_nodes") if getattr(cfg, k) != 1]
+    if asked:
+        raise UserError(f"{section}: {', '.join(asked)} — multi-process / DeepSpeed training is not available in "
+                        "this version of edgezh; remove these settings to train in one process")
+
+
+def data_facts(data: Artifact, base: Artifact, section: str) -> tuple[str, int, int]:
+    """(template, pad_token_id, max_length) of the data artifact, checked against the base."""
+    info = data.info
+    missing = [k for k in ("pad_token_id", "max_length") if info.get(k) is None]
+    if missing:
+        raise UserError(f"{section}: the data artifact {data.path} has no {', '.join(missing)} in its manifest; rebuild it")
+    template = base.info["template"]
+    if info.get("template") not in (None, template):
+        raise UserError(f"{section}: the data was encoded for chat format {info['template']!r} but the base uses {template!r}")
+    return template, int(info["pad_token_id"]), int(info["max_length"])
+
+
+def make_job(cfg: SFTConfig, inputs: dict[str, Artifact], out: Path) -> TrainJob:
+    from edgezh.train.model import config_overrides_of
+
+    single_process(cfg, "sft")
+    template, pad_token_id, data_max = data_facts(inputs["data"], inputs["base"], "sft")
+    return TrainJob(kind="sft", config=cfg.model_dump(mode="json"), model_dir=str(model_dir(inputs["base"])),
+                    data_dir=str(inputs["data"].path), template=template, pad_token_id=pad_token_id,
+                    max_length=cfg.max_length or data_max, out=str(out), scratch=str(scratch_dir(out, cfg, inputs)),
+                    model_overrides=config_overrides_of(cfg))
+
+
+def run(cfg: SFTConfig, inputs: dict[str, Artifact], out: Path) -> dict:
+    return run_job(make_job(cfg, inputs, out))
