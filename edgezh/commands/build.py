@@ -124,6 +124,8 @@ def _print_outputs(plan: Plan, recipe_arg: str) -> None:
         out.print(f"  {step.name:<10} {step.folder}")
     out.print(f"  manifest   {plan.root / 'manifest.json'}")
     out.print(f"  log        {plan.root / 'build.log'}")
+    if (plan.root / "report.md").is_file():
+        out.print(f"  report     {plan.root / 'report.md'}")
     export = plan.root / "export"
     if export.is_dir():
         out.print(f"  export     {export}/  ({', '.join(sorted(p.name for p in export.iterdir()))})")
