@@ -47,9 +47,10 @@ class RecipeError(Exception):
 # Fields that hold paths, relative to the recipe's folder, which must exist when given.
 # Each entry is a dotted pattern; `*` matches a list index.
 PATH_FIELDS = (
-    "base.path", "data.sources.*.path", "sft.hostfile", "dpo.hostfile",
+    "base.path", "data.sources.*.path", "sft.hostfile", "dpo.hostfile", "sft.deepspeed", "dpo.deepspeed",
     "eval.multiple_choice.*.path",
 )
+BUILTIN_NAMES = {"zero2", "zero3", "zero2_offload"}  # values of path fields that name a built-in, not a file
 
 
 def _plain(node: Any, prefix: tuple, lines: dict[tuple, int]) -> Any:
@@ -179,8 +180,8 @@ def _check_and_resolve_paths(data: dict, base_dir: Path, source: str, lines: dic
     problems = []
     for pattern in PATH_FIELDS:
         for loc, value in list(_walk_paths(data, pattern.split("."))):
-            if not isinstance(value, str):
-                continue  # the schema reports the type
+            if not isinstance(value, str) or value in BUILTIN_NAMES:
+                continue  # the schema reports the type; built-in names are not files
             try:
                 resolved = resolve_path(value, base_dir)
             except PathResolutionError as exc:

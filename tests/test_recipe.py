@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 from pathlib import Path
 
@@ -171,3 +172,19 @@ def test_every_section_is_documented(section: str) -> None:
 def test_explain_unknown_section(capsys) -> None:
     assert main(["explain", "sft.lroa"]) == 2
     assert "did you mean 'lora'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_recipe_dry_runs(path: Path, tmp_path: Path) -> None:
+    result = run_cli("build", str(path), "--dry-run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "plan for" in result.stdout and "Traceback" not in result.stderr
+    assert not (tmp_path / "builds").exists()  # a dry run writes nothing
+
+
+def test_dry_run_shows_the_deepspeed_launch(tmp_path: Path) -> None:
+    recipe = ROOT / "recipes" / "llama3-8b-agentflan-qlora.yaml"
+    result = run_cli("build", str(recipe), "--dry-run", "sft.num_processes=2", "sft.num_nodes=2",
+                     f"sft.hostfile={recipe}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"sft launches: deepspeed --num_gpus 2 --num_nodes 2 --hostfile \S+ ", result.stdout), result.stdout

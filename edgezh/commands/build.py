@@ -89,6 +89,7 @@ def print_plan(plan: Plan) -> None:
             text = "[yellow]will run[/] (after its inputs)"
         table.add_row(step.name, step.folder.name, text, (step.key or "")[:12])
     out.print(table)
+    _print_launches(plan)
     try:
         shape = estimate.model_shape(plan.recipe.base)
     except (OSError, ValueError, KeyError) as exc:
@@ -115,6 +116,16 @@ def print_plan(plan: Plan) -> None:
             t.add_row(name, f"{gib:.2f}")
         t.add_row("[bold]total[/]", f"{sum(g for _, g in disk):.2f}")
         out.print(t)
+
+
+def _print_launches(plan: Plan) -> None:
+    """The launcher command of each training stage that runs in several processes (DeepSpeed)."""
+    from edgezh.train.launch import dry_run_command
+
+    for name, section in (("sft", plan.recipe.sft), ("dpo", plan.recipe.dpo)):
+        command = dry_run_command(section) if section is not None else None
+        if command:
+            out.print(f"{name} launches: {command}")
 
 
 def _print_outputs(plan: Plan, recipe_arg: str) -> None:

@@ -21,8 +21,8 @@ from edgezh.artifacts import Artifact, scratch_dir
 from edgezh.errors import UserError
 from edgezh.models.base_stage import model_dir
 from edgezh.recipe import DPOConfig
-from edgezh.train.job import TrainJob, run_job
-from edgezh.train.sft_stage import data_facts, single_process
+from edgezh.train.job import TrainJob
+from edgezh.train.sft_stage import data_facts, execute
 
 VERSION = "1"
 
@@ -46,7 +46,6 @@ def _check_adapter_shape(cfg: DPOConfig, adapter: Path) -> None:
 
 
 def make_job(cfg: DPOConfig, inputs: dict[str, Artifact], out: Path) -> TrainJob:
-    single_process(cfg, "dpo")
     base = inputs["base"]
     template, pad_token_id, data_max = data_facts(inputs["data"], base, "dpo")
     start_model, start_adapter, overrides = str(model_dir(base)), None, {}
@@ -73,4 +72,4 @@ def make_job(cfg: DPOConfig, inputs: dict[str, Artifact], out: Path) -> TrainJob
 
 
 def run(cfg: DPOConfig, inputs: dict[str, Artifact], out: Path) -> dict:
-    return run_job(make_job(cfg, inputs, out))
+    return execute(make_job(cfg, inputs, out), cfg, "dpo")

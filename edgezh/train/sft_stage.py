@@ -19,13 +19,15 @@ from edgezh.train.job import TrainJob, run_job
 VERSION = "1"
 
 
-def single_process(cfg: TrainCommon, section: str) -> None:
-    """Multi-process launch (DeepSpeed / several processes or machines) is not wired in yet."""
-    asked = [f"{k}: {getattr(cfg, k)}" for k in ("deepspeed", "hostfile") if getattr(cfg, k) is not None]
-    asked += [f"{k}: {getattr(cfg, k)}" for k in ("num_processes", "num_nodes") if getattr(cfg, k) != 1]
-    if asked:
-        raise UserError(f"{section}: {', '.join(asked)} — multi-process / DeepSpeed training is not available in "
-                        "this version of edgezh; remove these settings to train in one process")
+def execute(job: TrainJob, cfg: TrainCommon, section: str) -> dict:
+    """Run the job: in this process, or — DeepSpeed, several processes or machines — on every rank through
+    the deepspeed launcher, after the DeepSpeed config is validated into `job.deepspeed` (an invalid one
+    is refused before any process starts)."""
+    from edgezh.train.launch import prepare, run_launched
+
+    if prepare(job, cfg, section):
+        return run_launched(job, cfg, section=section)
+    return run_job(job)
 
 
 def data_facts(data: Artifact, base: Artifact, section: str) -> tuple[str, int, int]:
@@ -43,7 +45,6 @@ def data_facts(data: Artifact, base: Artifact, section: str) -> tuple[str, int, 
 def make_job(cfg: SFTConfig, inputs: dict[str, Artifact], out: Path) -> TrainJob:
     from edgezh.train.model import config_overrides_of
 
-    single_process(cfg, "sft")
     template, pad_token_id, data_max = data_facts(inputs["data"], inputs["base"], "sft")
     return TrainJob(kind="sft", config=cfg.model_dump(mode="json"), model_dir=str(model_dir(inputs["base"])),
                     data_dir=str(inputs["data"].path), template=template, pad_token_id=pad_token_id,
@@ -52,4 +53,4 @@ def make_job(cfg: SFTConfig, inputs: dict[str, Artifact], out: Path) -> TrainJob
 
 
 def run(cfg: SFTConfig, inputs: dict[str, Artifact], out: Path) -> dict:
-    return run_job(make_job(cfg, inputs, out))
+    return execute(make_job(cfg, inputs, out), cfg, "sft")
