@@ -59,6 +59,11 @@ def _parser() -> argparse.ArgumentParser:
     mf.add_argument("--system", help="system prompt (default: the format's Chinese default)")
     mf.add_argument("--num-ctx", type=int, default=4096)
 
+    from edgezh.runtime.cli_args import add_chat_parser, add_serve_parser
+
+    add_chat_parser(sub)
+    add_serve_parser(sub)
+
     sub.add_parser("doctor", help="check the installation: versions, llama.cpp, CUDA, bitsandbytes, DeepSpeed, RAM, disk")
     return p
 
@@ -91,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
             from edgezh.commands import export
 
             return getattr(export, f"{args.command}_cmd")(args)
+        if args.command in ("chat", "serve"):
+            from edgezh.runtime import cli_args
+
+            return cli_args.run_chat(args) if args.command == "chat" else cli_args.run_serve(args)
         if args.command == "doctor":
             from edgezh.commands.doctor import doctor
 

@@ -1,0 +1,13 @@
+"""The edge runtime: one llama.cpp chat engine shared by the terminal chat and the HTTP server.
+
+- `engine`: loads a GGUF through llama-cpp-python, renders prompts with the template registry
+  (exactly one BOS), streams UTF-8-safe text built from token pieces, stops on every stop token of
+  the format, handles context overflow, reports tokens/s, time to first token and context use.
+- `decoding`: token pieces, incremental UTF-8 decoding, stop strings.
+- `model_source`: `MODEL.gguf | BUILD_DIR` → the GGUF, its chat format and recorded system prompt.
+- `tools`, `toolcalls`, `calculator`: tool definitions (built-in safe tools, YAML and Python tools),
+  parsing of Llama 3.1 JSON calls and ReAct steps.
+- `chat`: a conversation (history JSONL, resume) and the tool loop with confirmation.
+- `server`: the OpenAI-compatible API (FastAPI) over the same engine.
+- `cli_args`: the `chat` and `serve` sub-commands.
+"""

@@ -1,0 +1,219 @@
+"""`edgezh serve` with the official openai client: chat (streaming or not), completions, models, tools;
+bad requests get 4xx JSON; 20 concurrent requests finish or get 429 and none hang; the server serves on.
+Every server binds 127.0.0.1 on a free port and is stopped by its fixture or test."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from conftest import ROOT
+from test_runtime_fixtures import (ThreadServer, engine_for, free_port, grammar_for, smollm2_f16_gguf,  # noqa: F401
+                                   tiny31_gguf, tiny_gguf)
+
+KEY = "test-key-123"
+CALCULATOR = {"type": "function", "function": {
+    "name": "calculator", "description": "Evaluate arithmetic",
+    "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}}
+
+
+@pytest.fixture(scope="module")
+def smol_server(smollm2_f16_gguf: Path):
+    """`python -m edgezh.runtime serve` (the CLI) on SmolLM2, with an API key."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "edgezh.runtime", "serve", str(smollm2_f16_gguf), "--port", str(port), "--api-key", KEY,
+         "--model-name", "smol", "--ctx", "1024", "--threads", "2", "--queue", "2"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            if process.poll() is not None:
+                raise AssertionError(f"server exited: {process.stdout.read()}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError("server did not come up in 90 s")
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture()
+def client(smol_server: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{smol_server}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def test_chat_non_streaming(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model="smol", messages=[{"role": "user", "content": "What is the capital of France? One word."}],
+        max_tokens=16, temperature=0)
+    choice = reply.choices[0]
+    assert "Paris" in choice.message.content and choice.finish_reason == "stop"
+    assert reply.model == "smol" and reply.usage.prompt_tokens > 0 and 0 < reply.usage.completion_tokens <= 16
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+def test_chat_streaming_is_the_same_answer_and_utf8_clean(client: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": "请用中文介绍一下北京。"}]
+    whole = client.chat.completions.create(model="smol", messages=messages, max_tokens=24, temperature=0)
+    stream = client.chat.completions.create(model="smol", messages=messages, max_tokens=24, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content and "\ufffd" not in text
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_tools_call_and_result(client: openai.OpenAI) -> None:
+    """A grammar (llama.cpp's, an extension field) makes SmolLM2 write a ReAct call; the server returns it as
+    OpenAI tool_calls, streaming and not; the tool result sent back gets an answer."""
+    step = 'Thought: 需要计算\nAction: calculator\nAction Input: {"expression": "6*7"}\nObservation:'
+    messages = [{"role": "user", "content": "6 乘以 7 是多少？"}]
+    reply = client.chat.completions.create(model="smol", messages=messages, tools=[CALCULATOR], max_tokens=64,
+                                           temperature=0, extra_body={"grammar": grammar_for(step)})
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    call = choice.message.tool_calls[0]
+    assert call.function.name == "calculator" and json.loads(call.function.arguments) == {"expression": "6*7"}
+    chunks = list(client.chat.completions.create(model="smol", messages=messages, tools=[CALCULATOR], max_tokens=64,
+                                                 temperature=0, stream=True, extra_body={"grammar": grammar_for(step)}))
+    calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert calls[0].function.name == "calculator" and chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert not any(c.choices[0].delta.content for c in chunks if c.choices)  # the raw ReAct text is not shown
+    follow = messages + [choice.message.model_dump(exclude_none=True),
+                         {"role": "tool", "tool_call_id": call.id, "content": "42"}]
+    final = client.chat.completions.create(model="smol", messages=follow, tools=[CALCULATOR], max_tokens=64,
+                                           temperature=0,
+                                           extra_body={"grammar": grammar_for("Final Answer: 6 乘以 7 等于 42。")})
+    assert final.choices[0].message.content == "6 乘以 7 等于 42。" and final.choices[0].finish_reason == "stop"
+
+
+def test_completions_and_models(client: openai.OpenAI) -> None:
+    completion = client.completions.create(model="smol", prompt="The capital of France is", max_tokens=4,
+                                           temperature=0)
+    assert "Paris" in completion.choices[0].text and completion.choices[0].finish_reason == "length"
+    assert [m.id for m in client.models.list().data] == ["smol"]
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"model": "smol", "messages": "hello"}, 400, "messages"),
+    ({"model": "smol", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "temperature"),
+    ({"model": "smol", "messages": [{"role": "user", "content": "hi"}], "max_tokens": "ten"}, 400, "max_tokens"),
+    ({"model": "smol", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**9}, 400, "max_tokens"),
+    ({"model": "smol", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
+    ({"model": "smol", "messages": []}, 400, "messages"),
+    ({"model": "smol", "messages": [{"role": "user", "content": "hi"}], "n": 3}, 400, "n"),
+    ({"model": "smol", "messages": [{"role": "user", "content": "长" * 5000}]}, 400, "messages"),
+    ({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
+    ({"model": "smol", "messages": [{"role": "user", "content": "hi"}], "grammar": "root ::= nothing"}, 400, "grammar"),
+])
+def test_bad_requests_get_4xx_json(smol_server: str, body: dict, status: int, param: str) -> None:
+    response = httpx.post(f"{smol_server}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                          timeout=30)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert error["message"] and error["param"] == param
+
+
+def test_bad_json_auth_and_routes(smol_server: str, client: openai.OpenAI) -> None:
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    broken = httpx.post(f"{smol_server}/v1/chat/completions", content=b"{not json", headers=headers, timeout=30)
+    assert broken.status_code == 400 and "error" in broken.json()
+    assert httpx.get(f"{smol_server}/v1/nothing", headers=headers).json()["error"]["type"] == "not_found_error"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{smol_server}/v1", api_key="wrong", max_retries=0).models.list()
+    assert httpx.get(f"{smol_server}/v1/models").status_code == 401
+    assert httpx.get(f"{smol_server}/health").json()["status"] == "ok"  # health needs no key
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "hi"}], temperature=7)
+
+
+def test_llama31_tool_calls_through_the_server(tiny31_gguf: Path) -> None:
+    call = '{"name": "calculator", "parameters": {"expression": "1+1"}}'
+    with ThreadServer(engine_for(tiny31_gguf), model_id="tiny") as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=120)
+        reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "1+1?"}],
+                                               tools=[CALCULATOR], max_tokens=64, temperature=0,
+                                               extra_body={"grammar": grammar_for(call)})
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert json.loads(choice.message.tool_calls[0].function.arguments) == {"expression": "1+1"}
+
+
+def test_twenty_concurrent_requests_finish_or_get_429(tiny_gguf: Path) -> None:
+    with ThreadServer(engine_for(tiny_gguf), model_id="tiny", queue_size=3) as server:
+        outcomes: list[object] = [None] * 20
+
+        def ask(index: int) -> None:
+            body = {"model": "tiny", "messages": [{"role": "user", "content": f"第{index}个问题"}], "max_tokens": 12,
+                    "stream": index % 2 == 0}
+            try:
+                with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as response:
+                    text = response.read().decode()
+                    if response.status_code == 200 and body["stream"]:
+                        assert text.rstrip().endswith("data: [DONE]")
+                    elif response.status_code == 200:
+                        assert json.loads(text)["choices"][0]["finish_reason"] in ("stop", "length")
+                    else:
+                        assert json.loads(text)["error"]["code"] == "queue_full"
+                    outcomes[index] = response.status_code
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                outcomes[index] = exc
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(20)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=90)
+        assert not any(thread.is_alive() for thread in threads), "a request hung"
+        assert all(outcome in (200, 429) for outcome in outcomes), outcomes
+        assert outcomes.count(200) >= 4 and outcomes.count(429) >= 1
+        assert httpx.get(f"{server.url}/health").json()["queue"]["in_flight"] == 0
+        after = httpx.post(f"{server.url}/v1/completions", json={"model": "tiny", "prompt": "你好", "max_tokens": 4},
+                           timeout=60)
+        assert after.status_code == 200 and after.json()["choices"][0]["text"] is not None
+
+
+def test_a_client_leaving_a_stream_stops_its_generation(tiny_gguf: Path) -> None:
+    with ThreadServer(engine_for(tiny_gguf), model_id="tiny", queue_size=1) as server:
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "写一篇长文章"}], "max_tokens": 1500,
+                "stream": True}
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            received = [next(lines) for _ in range(6)]
+        assert any(line.startswith("data: ") for line in received)
+        deadline = time.monotonic() + 20
+        while httpx.get(f"{server.url}/health").json()["queue"]["in_flight"]:
+            assert time.monotonic() < deadline, "the abandoned generation kept running"
+            time.sleep(0.1)
+
+
+def test_serve_cli_errors_are_one_line(tmp_path: Path) -> None:
+    missing = subprocess.run([sys.executable, "-m", "edgezh.runtime", "serve", str(tmp_path / "x.gguf")],
+                             capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert missing.returncode == 2 and missing.stderr.strip().count("\n") == 0
+    assert "no such file or build folder" in missing.stderr and "Traceback" not in missing.stderr
