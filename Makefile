@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/edgezh build recipes/quickstart.yaml --until base
+	$(VENV)/bin/edgezh build recipes/quickstart.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra
