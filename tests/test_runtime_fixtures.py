@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.util
 import json
 import socket
-import sys
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -21,7 +19,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from conftest import FIXTURES, ROOT, TINY_RECIPE
+from conftest import FIXTURES, TINY_RECIPE
 
 RUNTIME_FIXTURES = FIXTURES / "runtime"
 
@@ -139,26 +137,6 @@ class ThreadServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def ensure_tui() -> None:
-    """Make `edgezh.tui` importable: installed (pyproject maps tui/ → edgezh.tui), or straight from
-    the source tree when this checkout was installed before that mapping existed."""
-    try:
-        import edgezh.tui  # noqa: F401
-        return
-    except ModuleNotFoundError as exc:
-        if exc.name != "edgezh.tui":
-            raise
-    spec = importlib.util.spec_from_file_location("edgezh.tui", ROOT / "tui" / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT / "tui")])
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["edgezh.tui"] = module
-    spec.loader.exec_module(module)
-    import edgezh
-
-    edgezh.tui = module  # type: ignore[attr-defined]
 
 
 # --- a scripted model for the tool loop ---------------------------------------------------------------

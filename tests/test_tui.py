@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -15,15 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_cli
 from edgezh.runtime.engine import Engine, SamplingParams
 from edgezh.runtime.tools import Toolbox, builtin_tools
-from test_runtime_fixtures import ScriptedEngine, engine_for, ensure_tui, tiny31_gguf, tiny_gguf  # noqa: F401
-
-ensure_tui()
-
-from edgezh.tui import ChatApp, ChatConfig  # noqa: E402
-from edgezh.tui.widgets import AnswerMessage, ConfirmTool, NoticeMessage, PromptInput, ToolMessage, UserMessage  # noqa: E402
+from edgezh.tui import ChatApp, ChatConfig
+from edgezh.tui.widgets import AnswerMessage, ConfirmTool, NoticeMessage, PromptInput, ToolMessage, UserMessage
+from test_runtime_fixtures import ScriptedEngine, engine_for, tiny31_gguf, tiny_gguf  # noqa: F401
 
 SIZE = (110, 34)
 
@@ -322,17 +318,15 @@ def test_snapshot_tool_confirmation(snap_compare, tiny31_gguf: Path, tmp_path: P
 
 # --- the real terminal ---------------------------------------------------------------------------------
 
-def tmux(*args: str, socket: str) -> str:
-    return subprocess.run(["tmux", "-u", "-L", socket, *args], capture_output=True, text=True, timeout=30).stdout
+def tmux(*args: str, socket: Path) -> str:
+    return subprocess.run(["tmux", "-u", "-S", str(socket), *args], capture_output=True, text=True, timeout=30).stdout
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
 def test_smoke_real_terminal_under_tmux(tiny_gguf: Path, tmp_path: Path) -> None:
-    socket = f"edgezh-test-{os.getpid()}"
+    socket = tmp_path / "tmux.sock"  # a private tmux server, gone with the test's folder
     history = tmp_path / "chat.jsonl"
-    launcher = ("import sys; sys.path.insert(0, 'tests'); from test_runtime_fixtures import ensure_tui; ensure_tui(); "
-                "from edgezh.runtime.cli_args import main; sys.exit(main(sys.argv[1:]))")
-    command = [sys.executable, "-c", launcher, "chat", str(tiny_gguf), "--max-tokens", "24", "--threads", "2",
+    command = [sys.executable, "-m", "edgezh.cli", "chat", str(tiny_gguf), "--max-tokens", "24", "--threads", "2",
                "--history", str(history)]
     shell = f"cd {ROOT} && env LANG=C.UTF-8 TERM=xterm-256color {' '.join(map(_quote, command))}; echo EXITED=$?; sleep 30"
     tmux("new-session", "-d", "-s", "chat", "-x", "120", "-y", "36", shell, socket=socket)
@@ -367,10 +361,10 @@ def test_chat_cli_errors_are_one_line(tmp_path: Path) -> None:
     bad.write_text("not a model")
     for args, message in [([str(tmp_path / "missing.gguf")], "no such file"), ([str(bad)], "not a GGUF file"),
                           ([str(tmp_path)], "not an edgezh build")]:
-        result = subprocess.run([sys.executable, "-m", "edgezh.runtime", "chat", *args], capture_output=True, text=True,
-                                cwd=ROOT, timeout=60)
-        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
-        assert result.stderr.strip().count("\n") == 0
+        result = run_cli("chat", *args, cwd=ROOT, timeout=60)
+        output = (result.stdout + result.stderr).strip()
+        assert result.returncode == 2 and message in output and "Traceback" not in output
+        assert output.startswith("error:") and output.count("\n") == 0
 
 
 def _quote(text: str) -> str:
