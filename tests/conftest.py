@@ -6,7 +6,6 @@ edgezh's own: a second session reuses them in seconds, and a change to the stage
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY_RECIPE, run_cli
+from conftest import TINY_RECIPE, run_cli
 from edgezh.artifacts import MANIFEST, sha256_file
 from edgezh.pipeline import PlanError, build_lock, make_plan, run_plan
 from edgezh.recipe_load import load_recipe

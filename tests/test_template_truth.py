@@ -28,6 +28,7 @@ import pytest
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from chat_samples import TIME_TOOL, WEATHER_TOOL
 from edgezh import templates
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,26 +61,6 @@ def tool(text: str, role: str = "tool") -> dict:
 
 # Tools written the way Ollama prints them (keys in its struct field order, property names sorted), so that
 # the equality suite is not about JSON key order (pinned separately below).
-WEATHER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "查询城市的实时天气",
-        "parameters": {
-            "type": "object",
-            "required": ["city"],
-            "properties": {
-                "city": {"type": "string", "description": "城市名，例如：北京"},
-                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-            },
-        },
-    },
-}
-TIME_TOOL = {
-    "type": "function",
-    "function": {"name": "get_time", "description": "查询时区的当前时间",
-                 "parameters": {"type": "object", "required": ["tz"], "properties": {"tz": {"type": "string"}}}},
-}
 FORECAST_TOOL = {
     "type": "function",
     "function": {

@@ -14,6 +14,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 from transformers.utils.chat_template_utils import render_jinja_template
 
+from chat_samples import TIME_TOOL, WEATHER_TOOL
 from edgezh import templates
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,26 +46,6 @@ META_LLAMA31_SNIPPET = (
     "{%- if builtin_tools is defined %}\n    {{- \"<|eom_id|>\" }}\n{%- else %}\n    {{- \"<|eot_id|>\" }}\n{%- endif %}"
 )
 
-WEATHER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "查询城市的实时天气",
-        "parameters": {
-            "type": "object",
-            "required": ["city"],
-            "properties": {
-                "city": {"type": "string", "description": "城市名，例如：北京"},
-                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-            },
-        },
-    },
-}
-TIME_TOOL = {
-    "type": "function",
-    "function": {"name": "get_time", "description": "查询时区的当前时间",
-                 "parameters": {"type": "object", "required": ["tz"], "properties": {"tz": {"type": "string"}}}},
-}
 
 
 def call(name: str, arguments: dict | str) -> dict:

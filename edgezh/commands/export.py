@@ -20,33 +20,32 @@ def _existing(path: str, what: str) -> Path:
     return p
 
 
-def _folder_template(folder: Path, given: str | None) -> str:
-    """The chat format of an HF folder: given, or detected from its own template."""
-    if given:
-        templates.get(given)
-        return given
-    text = None
-    if (folder / "chat_template.jinja").is_file():
-        text = (folder / "chat_template.jinja").read_text(encoding="utf-8")
-    elif (folder / "tokenizer_config.json").is_file():
-        text = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
-    name = templates.detect(text if isinstance(text, str) else None)
+def _chosen_template(given: str | None, own_template: str | None, where: Path) -> str:
+    """The chat format: the one given on the command line, else detected from the model's own template."""
+    name = given or templates.detect(own_template if isinstance(own_template, str) else None)
     if name is None:
-        raise UserError(f"{folder}: cannot tell its chat format; pass --template ({', '.join(templates.names())})")
+        raise UserError(f"{where}: cannot tell its chat format; pass --template ({', '.join(templates.names())})")
+    if name not in templates.names():
+        raise UserError(f"--template {name}: unknown chat format (known: {', '.join(templates.names())})")
     return name
+
+
+def _folder_template(folder: Path, given: str | None) -> str:
+    """The chat format of an HF folder, from its chat_template.jinja or tokenizer_config.json."""
+    text = None
+    if not given and (folder / "chat_template.jinja").is_file():
+        text = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    elif not given and (folder / "tokenizer_config.json").is_file():
+        text = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
+    return _chosen_template(given, text, folder)
 
 
 def _gguf_template(path: Path, given: str | None) -> str:
-    if given:
-        templates.get(given)
-        return given
-    from gguf import GGUFReader
+    """The chat format of a GGUF, from its embedded tokenizer.chat_template."""
+    from edgezh.gguf_meta import read_metadata
 
-    field = GGUFReader(path).fields.get("tokenizer.chat_template")
-    name = templates.detect(field.contents() if field is not None else None)
-    if name is None:
-        raise UserError(f"{path}: no chat template edgezh knows inside; pass --template ({', '.join(templates.names())})")
-    return name
+    text = None if given else read_metadata(path, ["tokenizer.chat_template"]).get("tokenizer.chat_template")
+    return _chosen_template(given, text, path)
 
 
 def merge_cmd(args) -> int:

@@ -71,7 +71,6 @@ def choose_pad(tokenizer, chat_format: templates.ChatFormat) -> PadChoice:
     """A pad token distinct from every stop token of ``chat_format`` (rules in the module docstring)."""
     stops = set(chat_format.stop_tokens)
     specials = _special_tokens(tokenizer)
-    by_text = {t: i for i, t in specials.items()}
     vocab = tokenizer.get_vocab()
     avoid = stops | {chat_format.bos_token, tokenizer.bos_token, tokenizer.unk_token} - {None}
     own = tokenizer.pad_token

@@ -20,7 +20,7 @@ import unicodedata
 from pathlib import Path
 
 from edgezh.artifacts import Artifact
-from edgezh.eval.corpora import read_jsonl
+from edgezh.jsonl import read_jsonl
 
 HSK_REQUEST = "请用中文回答：这句话是什么意思？“{sentence}”"
 

@@ -10,7 +10,6 @@ held-out text and the corpus is skipped with a note.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 from edgezh.artifacts import Artifact
 from edgezh.data import corpora
 from edgezh.errors import UserError
+from edgezh.jsonl import read_jsonl
 from edgezh.paths import PathResolutionError, resolve_path
 
 BUILTIN = ("heldout", "hsk", "peoples-daily")
@@ -28,19 +28,6 @@ class Corpus:
     name: str
     text: str
     source: str  # where the text came from, for the report
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                raise UserError(f"{path}:{number}: not a JSON line") from None
-    return rows
 
 
 def heldout_text(eval_jsonl: Path) -> str:

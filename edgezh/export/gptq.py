@@ -8,7 +8,6 @@ quantizer sees the Chinese conversations the model will actually serve. Runs on 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
 import tempfile
@@ -17,6 +16,7 @@ from pathlib import Path
 from edgezh import templates
 from edgezh.errors import UserError
 from edgezh.export.native import ensure_writable
+from edgezh.jsonl import numbered_records
 
 
 def calibration_texts(conversations: list[list[dict]], template: str, samples: int, seed: int = 0) -> list[str]:
@@ -30,14 +30,10 @@ def calibration_texts(conversations: list[list[dict]], template: str, samples: i
 def read_conversations(path: Path) -> list[list[dict]]:
     """Conversations from a JSONL file of {"messages": [...]} records (the data stage's train.jsonl)."""
     rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line)["messages"])
-            except (ValueError, KeyError, TypeError):
-                raise UserError(f"{path}:{number}: not a {{\"messages\": [...]}} record") from None
+    for number, record in numbered_records(path):
+        if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
+            raise UserError(f"{path}:{number}: not a {{\"messages\": [...]}} record")
+        rows.append(record["messages"])
     return rows
 
 

@@ -111,13 +111,12 @@ def _restore_pre_tokenizer(tokenizer, path: Path) -> None:
     """transformers' GGUF import falls back to GPT-2's pre-tokenizer when it has no regex for the one
     the GGUF declares (SmolLM2's `smollm` loses its one-digit-per-token split); put the declared one back
     so the imported tokenizer splits text as the original model does."""
-    from gguf import GGUFReader
     from tokenizers import Tokenizer
 
     from edgezh.export.gguf_writer import PRE_TOKENIZERS
+    from edgezh.gguf_meta import read_metadata
 
-    field = GGUFReader(path).fields.get("tokenizer.ggml.pre")
-    declared = field.contents() if field is not None else None
+    declared = read_metadata(path, ["tokenizer.ggml.pre"]).get("tokenizer.ggml.pre")
     if declared not in PRE_TOKENIZERS:
         return
     spec = json.loads(tokenizer.backend_tokenizer.to_str())

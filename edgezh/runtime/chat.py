@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from edgezh.errors import UserError
+from edgezh.jsonl import numbered_records
 from edgezh.runtime.engine import Engine, SamplingParams, Stats
 from edgezh.runtime.toolcalls import Reply, interpret, prepare
 from edgezh.runtime.tools import ToolCall, ToolError, Toolbox
@@ -141,21 +142,11 @@ class ChatSession:
     def load_history(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """(header, messages) of a history file; UserError naming the line for anything wrong."""
         path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise UserError(f"{path}: no such chat history file") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UserError(f"{path}: cannot read it ({exc})") from None
+        if not path.is_file():
+            raise UserError(f"{path}: no such chat history file")
         header: dict[str, Any] = {}
         messages: list[dict[str, Any]] = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{number}: not JSON ({exc.msg})") from None
+        for number, item in numbered_records(path):
             if not isinstance(item, dict):
                 raise UserError(f"{path}:{number}: expected a JSON object")
             if item.get("type") == HISTORY_TYPE:

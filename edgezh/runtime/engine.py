@@ -35,7 +35,7 @@ from typing import Any, Iterable, Iterator, Sequence
 from edgezh import templates
 from edgezh.errors import UserError
 from edgezh.runtime.decoding import PieceTable, StopStrings, Utf8Stream
-from edgezh.runtime.gguf_meta import read_metadata
+from edgezh.gguf_meta import read_metadata
 
 __all__ = ["ContextOverflow", "Engine", "Generation", "SamplingParams", "Stats", "check_gguf", "default_threads"]
 

@@ -10,12 +10,12 @@ turns into a block-diagonal mask) and carries `loss_scale` beside `labels`.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edgezh.errors import UserError
+from edgezh.jsonl import numbered_records
 
 SFT_COLUMNS = ("input_ids", "labels", "loss_scale")
 PAIR_KEYS = ("prompt", "chosen", "rejected")
@@ -135,18 +135,11 @@ def load_pairs(path: Path) -> Any:
     if not path.is_file():
         raise UserError(f"{path}: not found — the data artifact has no preference pairs (add a dpo-format source)")
     rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as exc:
-                raise UserError(f"{path}:{number}: not JSON ({exc})") from None
-            missing = [k for k in PAIR_KEYS if not isinstance(record.get(k), list) or not record.get(k)]
-            if missing:
-                raise UserError(f"{path}:{number}: {', '.join(missing)} must be non-empty lists of messages")
-            rows.append({k: record[k] for k in PAIR_KEYS})
+    for number, record in numbered_records(path):
+        missing = [k for k in PAIR_KEYS if not isinstance(record, dict) or not isinstance(record.get(k), list) or not record.get(k)]
+        if missing:
+            raise UserError(f"{path}:{number}: {', '.join(missing)} must be non-empty lists of messages")
+        rows.append({k: record[k] for k in PAIR_KEYS})
     if not rows:
         raise UserError(f"{path}: no preference pairs — add a dpo-format source to the recipe's data")
     return Dataset.from_list(rows)

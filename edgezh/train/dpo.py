@@ -30,8 +30,8 @@ from trl import DPOTrainer
 from edgezh import templates
 from edgezh.train import data as train_data
 from edgezh.train import model as train_model
-from edgezh.train import precision as train_precision
 from edgezh.train import session
+from edgezh.train.precision import job_precision
 from edgezh.train.logs import DPO_PLOTS
 
 
@@ -64,9 +64,7 @@ def check_bos(dataset, tokenizer, template: str, where: str) -> None:
 def build_trainer(job, precision=None):
     """The model, the pairs and the trainer of a DPO job (nothing has run the model yet)."""
     cfg = job.section()
-    precision = precision or train_precision.resolve(cfg.precision, where="dpo.precision")
-    if cfg.method == "qlora":
-        train_precision.check_compute_dtype(cfg.qlora.compute_dtype, precision, where="dpo.qlora.compute_dtype")
+    precision = job_precision(job, cfg, precision)
     data_dir = Path(job.data_dir)
     has_eval = train_data.has_rows(data_dir / "pairs_eval.jsonl")
     zero3 = session.zero_stage(job.deepspeed) == 3
@@ -75,11 +73,7 @@ def build_trainer(job, precision=None):
                                       precompute_ref_log_probs=cfg.method == "full")
     train_set = train_data.load_pairs(data_dir / "pairs_train.jsonl")
     eval_set = train_data.load_pairs(data_dir / "pairs_eval.jsonl") if has_eval else None
-    tokenizer = train_model.load_tokenizer(job.model_dir, job.template, job.pad_token_id)
-    model = train_model.load_base(job.model_dir, cfg.method, precision, args.device, quant=cfg.qlora,
-                                  overrides=job.model_overrides)
-    model, peft_config = train_model.attach_adapter(model, cfg.method, cfg.lora, start_adapter=job.start_adapter,
-                                                    gradient_checkpointing=cfg.gradient_checkpointing)
+    tokenizer, model, peft_config = train_model.job_model(job, cfg, precision, args.device)
     trainer = CountingDPOTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                                  processing_class=tokenizer, peft_config=peft_config, token_counter=session.TokenCounter())
     if cfg.method != "full" and not zero3:

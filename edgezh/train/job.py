@@ -82,12 +82,10 @@ def run_job(job: TrainJob) -> dict:
     """Run the job in this process; returns the facts for the manifest's `info`. Settings this machine
     cannot honour are refused before any model library is imported."""
     from edgezh.errors import UserError
-    from edgezh.train import precision as train_precision
+    from edgezh.train.precision import job_precision
 
     cfg = job.section()
-    precision = train_precision.resolve(cfg.precision, where=f"{job.kind}.precision")
-    if cfg.method == "qlora":
-        train_precision.check_compute_dtype(cfg.qlora.compute_dtype, precision, where=f"{job.kind}.qlora.compute_dtype")
+    precision = job_precision(job, cfg)
     if job.kind == "dpo" and cfg.loss_type == "orpo":
         raise UserError("dpo.loss_type: orpo is not a DPOTrainer loss in TRL 1.16 (ORPO is an experimental, "
                         "reference-free trainer there); use sigmoid or ipo")

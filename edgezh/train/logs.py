@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterable
 
 from transformers import TrainerCallback
+from edgezh.jsonl import read_jsonl
 
 SFT_PLOTS = {"loss.png": [("loss", "train loss"), ("eval_loss", "eval loss")],
              "learning_rate.png": [("learning_rate", "learning rate")]}
@@ -32,10 +33,9 @@ def append_jsonl(path: Path, records: Iterable[dict]) -> None:
             handle.write(json.dumps(_clean(record), ensure_ascii=False) + "\n")
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+def read_log(path: Path) -> list[dict]:
+    """The records of a training log, none when it was not written yet."""
+    return read_jsonl(path) if path.is_file() else []
 
 
 class JsonlLogger(TrainerCallback):

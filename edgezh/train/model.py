@@ -170,3 +170,12 @@ def parameter_counts(model) -> tuple[int, int]:
         if param.requires_grad:
             trainable += count
     return trainable, total
+
+
+def job_model(job, cfg, precision, device):
+    """(tokenizer, model with its adapter attached, peft config) of a training job; nothing has run the model."""
+    tokenizer = load_tokenizer(job.model_dir, job.template, job.pad_token_id)
+    model = load_base(job.model_dir, cfg.method, precision, device, quant=cfg.qlora, overrides=job.model_overrides)
+    model, peft_config = attach_adapter(model, cfg.method, cfg.lora, start_adapter=job.start_adapter,
+                                        gradient_checkpointing=cfg.gradient_checkpointing)
+    return tokenizer, model, peft_config

@@ -85,3 +85,11 @@ def check_compute_dtype(compute_dtype: str, precision: Precision, *, gpu_bf16: b
         gpu_bf16 = hardware()[1]
     if not gpu_bf16:
         raise UserError(f"{where}: bfloat16 is not supported by this GPU; set it to float16")
+
+
+def job_precision(job, cfg, precision: Precision | None = None) -> Precision:
+    """The precision a training job runs in (resolved unless given; QLoRA's compute dtype checked against it)."""
+    precision = precision or resolve(cfg.precision, where=f"{job.kind}.precision")
+    if cfg.method == "qlora":
+        check_compute_dtype(cfg.qlora.compute_dtype, precision, where=f"{job.kind}.qlora.compute_dtype")
+    return precision

@@ -16,7 +16,7 @@ from typing import Any
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from edgezh.train.logs import JsonlLogger, append_jsonl, final_records, plot, read_jsonl
+from edgezh.train.logs import JsonlLogger, append_jsonl, final_records, plot, read_log
 
 CHECKPOINTS = "checkpoints"
 LIVE_LOG = "trainer_log.live.jsonl"
@@ -170,7 +170,7 @@ def write_log(trainer, job, out: Path, layout: dict, title: str) -> list[str]:
     """trainer_log.jsonl (the whole history, resume events included) and the PNG plots; main process only."""
     if not trainer.is_world_process_zero():
         return []
-    events = [r for r in read_jsonl(Path(job.scratch) / LIVE_LOG) if r.get("event")]
+    events = [r for r in read_log(Path(job.scratch) / LIVE_LOG) if r.get("event")]
     records = final_records(trainer.state.log_history, events)
     path = out / "trainer_log.jsonl"
     path.unlink(missing_ok=True)

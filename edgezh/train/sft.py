@@ -22,8 +22,8 @@ from trl import SFTTrainer
 
 from edgezh.train import data as train_data
 from edgezh.train import model as train_model
-from edgezh.train import precision as train_precision
 from edgezh.train import session
+from edgezh.train.precision import job_precision
 from edgezh.train.logs import SFT_PLOTS
 
 
@@ -70,9 +70,7 @@ class WeightedSFTTrainer(SFTTrainer):
 def build_trainer(job, precision=None):
     """The model, the datasets and the trainer of an SFT job (nothing has run the model yet)."""
     cfg = job.section()
-    precision = precision or train_precision.resolve(cfg.precision, where="sft.precision")
-    if cfg.method == "qlora":
-        train_precision.check_compute_dtype(cfg.qlora.compute_dtype, precision, where="sft.qlora.compute_dtype")
+    precision = job_precision(job, cfg, precision)
     data_dir = Path(job.data_dir)
     has_eval = train_data.has_rows(data_dir / "eval.parquet")
     zero3 = session.zero_stage(job.deepspeed) == 3
@@ -86,11 +84,7 @@ def build_trainer(job, precision=None):
         if cfg.packing:
             train_set = train_data.pack(train_set, job.max_length)
             eval_set = train_data.pack(eval_set, job.max_length) if eval_set is not None else None
-    tokenizer = train_model.load_tokenizer(job.model_dir, job.template, job.pad_token_id)
-    model = train_model.load_base(job.model_dir, cfg.method, precision, args.device, quant=cfg.qlora,
-                                  overrides=job.model_overrides)
-    model, peft_config = train_model.attach_adapter(model, cfg.method, cfg.lora, start_adapter=job.start_adapter,
-                                                    gradient_checkpointing=cfg.gradient_checkpointing)
+    tokenizer, model, peft_config = train_model.job_model(job, cfg, precision, args.device)
     trainer = WeightedSFTTrainer(
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, processing_class=tokenizer,
         peft_config=peft_config,
