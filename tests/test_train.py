@@ -115,7 +115,7 @@ def test_sft_lora_loss_falls_and_adapter_changes_the_model(tiny_llama3: Path, da
     assert facts["steps"] == 6 and facts["method"] == "lora" and facts["output"] == "adapter"
     assert facts["final_loss"] < facts["first_loss"] - 1.0, facts
     assert facts["eval_loss"] is not None and facts["eval_loss"] < facts["first_loss"]
-    assert 0 < facts["tokens"]["trained"] < facts["tokens"]["total"]
+    assert 0 < facts["tokens"]["trained"] < facts["tokens"]["total"] <= facts["tokens"]["computed"]  # padding counts
     assert facts["tokens_per_s"] > 0 and facts["device"] == "cpu" and facts["precision"] == "fp32"
     assert facts["trainable_params"] == 2 * 8 * (256 + 256 + 2 * (256 + 128) + 256 + 256 + 2 * (256 + 512) + 512 + 256)
 
@@ -220,6 +220,7 @@ def test_sft_packed_with_gradient_checkpointing_trains(tiny_llama3: Path, data_d
     assert facts["packing"] is True and facts["steps"] == 3
     # ~20-token examples packed into 64-token rows: one optimizer step sees several examples
     assert facts["tokens"]["total"] / 3 > 40
+    assert facts["tokens"]["computed"] == facts["tokens"]["total"]  # padding-free: no position is padding
     assert facts["final_loss"] < facts["first_loss"]
     weights = load_file(Path(job.out) / "adapter" / "adapter_model.safetensors")
     base = load_file(tiny_llama3 / "model.safetensors")

@@ -43,7 +43,8 @@ class CountingDPOTrainer(DPOTrainer):
         self.token_counter = token_counter
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        session.count_tokens(self, self.token_counter, inputs["attention_mask"].sum(), inputs["completion_mask"].sum())
+        session.count_tokens(self, self.token_counter, inputs["attention_mask"].sum(), inputs["completion_mask"].sum(),
+                             inputs["input_ids"].numel())
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
 

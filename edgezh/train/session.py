@@ -91,23 +91,28 @@ def resume_point(folder: Path, main_process: bool) -> Path | None:
 
 
 class TokenCounter(TrainerCallback, ExportableState):
-    """Tokens the optimizer has seen (all, and those with a loss), summed over processes. Saved in every
-    checkpoint's trainer_state.json and read back on resume, so a resumed run counts the whole training."""
+    """Tokens the optimizer has seen, summed over processes: `total` real (non-padding) tokens, `trained`
+    those with a loss, `computed` the positions the model ran (padding included; equal to `total` when
+    packed padding-free). Saved in every checkpoint's trainer_state.json and read back on resume, so a
+    resumed run counts the whole training."""
 
     def __init__(self):
         self.total = 0
         self.trained = 0
+        self.computed = 0
         self.session_total = 0
         self.session_seconds = 0.0
         self._started = None
 
-    def add(self, total: int, trained: int) -> None:
+    def add(self, total: int, trained: int, computed: int) -> None:
         self.total += int(total)
         self.trained += int(trained)
+        self.computed += int(computed)
         self.session_total += int(total)
 
     def state(self) -> dict:
-        return {"args": {}, "attributes": {"total": self.total, "trained": self.trained}}
+        return {"args": {}, "attributes": {"total": self.total, "trained": self.trained,
+                                          "computed": self.computed}}
 
     def on_train_begin(self, args, state, control, **kwargs):
         saved = state.stateful_callbacks.get(type(self).__name__) if state.global_step else None
@@ -116,6 +121,7 @@ class TokenCounter(TrainerCallback, ExportableState):
         if saved:
             self.total = int(saved["attributes"]["total"])
             self.trained = int(saved["attributes"]["trained"])
+            self.computed = int(saved["attributes"].get("computed", 0))
         self._started = time.perf_counter()
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -123,15 +129,15 @@ class TokenCounter(TrainerCallback, ExportableState):
             self.session_seconds = time.perf_counter() - self._started
 
 
-def count_tokens(trainer, counter: TokenCounter, total, trained) -> None:
-    """Add one micro-batch's token counts (tensors), summed over processes; training mode only."""
+def count_tokens(trainer, counter: TokenCounter, total, trained, computed) -> None:
+    """Add one micro-batch's token counts, summed over processes; training mode only."""
     import torch
 
     if not trainer.model.training:
         return
-    both = torch.tensor([int(total), int(trained)], dtype=torch.long, device=trainer.accelerator.device)
-    both = trainer.accelerator.gather(both).view(-1, 2).sum(0)
-    counter.add(both[0].item(), both[1].item())
+    counts = torch.tensor([int(total), int(trained), int(computed)], dtype=torch.long, device=trainer.accelerator.device)
+    counts = trainer.accelerator.gather(counts).view(-1, 3).sum(0)
+    counter.add(*(c.item() for c in counts))
 
 
 def train_with_resume(trainer, job, counter: TokenCounter) -> dict:
@@ -200,7 +206,7 @@ def summary(trainer, job, counter: TokenCounter, precision, resume: dict, traina
         "template": job.template,
         "steps": trainer.state.global_step,
         "epochs": round(float(trainer.state.epoch or 0.0), 4),
-        "tokens": {"trained": counter.trained, "total": counter.total},
+        "tokens": {"trained": counter.trained, "total": counter.total, "computed": counter.computed},
         "tokens_per_s": round(rate, 1) if rate else None,
         "train_seconds": round(counter.session_seconds, 2),
         "first_loss": first_value(history, "loss"),

@@ -58,7 +58,7 @@ class WeightedSFTTrainer(SFTTrainer):
 
         trained = outputs.label_mask.sum()
         total = inputs["attention_mask"].sum() if "attention_mask" in inputs else inputs["input_ids"].numel()
-        session.count_tokens(self, self.token_counter, total, trained)
+        session.count_tokens(self, self.token_counter, total, trained, inputs["input_ids"].numel())
         valid = self.accelerator.gather_for_metrics(trained.detach().reshape(1)).sum()
         correct = self.accelerator.gather_for_metrics(outputs.is_top1.sum().detach().reshape(1)).sum()
         self._metrics[mode]["mean_token_accuracy"].append((correct / valid).item() if valid > 0 else 0.0)
