@@ -74,3 +74,21 @@ def test_unreadable_calibration_file_names_the_line(tmp_path: Path) -> None:
     path.write_text('{"messages": []}\n{"text": "x"}\n', encoding="utf-8")
     with pytest.raises(UserError, match=r"train.jsonl:2: not a"):
         read_conversations(path)
+
+
+def test_group_size_that_does_not_divide_the_rows_is_refused_before_quantizing(smollm2: Path, tiny_llama3: Path,
+                                                                               tmp_path: Path) -> None:
+    from edgezh.errors import UserError
+    from edgezh.export.gptq import check_group_size, quantize_gptq
+
+    config = json.loads((smollm2 / "config.json").read_text(encoding="utf-8"))
+    with pytest.raises(UserError, match=r"export\.gptq\.group_size: 128 does not divide .*hidden_size\) = 576.*; use 64$"):
+        check_group_size(config, 128)
+    check_group_size(config, 64)
+    check_group_size(config, -1)
+    check_group_size(json.loads((tiny_llama3 / "config.json").read_text(encoding="utf-8")), 128)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(UserError, match="group_size: 128"):
+        quantize_gptq(smollm2, out, ["你好"], group_size=128)
+    assert not any(out.iterdir())

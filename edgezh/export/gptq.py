@@ -8,6 +8,7 @@ quantizer sees the Chinese conversations the model will actually serve. Runs on 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import tempfile
@@ -37,6 +38,29 @@ def read_conversations(path: Path) -> list[list[dict]]:
     return rows
 
 
+def linear_input_widths(config: dict) -> dict[str, int]:
+    """Input width of each kind of linear layer GPTQ quantizes in a Llama-style decoder (lm_head stays)."""
+    hidden = int(config["hidden_size"])
+    heads = int(config["num_attention_heads"])
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    return {"q/k/v/gate/up_proj (hidden_size)": hidden, "o_proj (heads × head_dim)": heads * head_dim,
+            "down_proj (intermediate_size)": int(config["intermediate_size"])}
+
+
+def check_group_size(config: dict, group_size: int) -> None:
+    """GPTQ groups split each weight row; the CPU and CUDA kernels need every row width to be a multiple
+    of the group size (a 576-wide row in groups of 128 quantizes, then fails at the first forward)."""
+    if group_size == -1:
+        return
+    widths = linear_input_widths(config)
+    bad = {name: width for name, width in widths.items() if width % group_size}
+    if bad:
+        fits = [g for g in (256, 128, 64, 32, 16) if all(w % g == 0 for w in widths.values())]
+        listed = ", ".join(f"{name} = {width}" for name, width in bad.items())
+        hint = f"use {fits[0]}" if fits else "use -1 (one group per row)"
+        raise UserError(f"export.gptq.group_size: {group_size} does not divide the rows of {listed}; {hint}")
+
+
 def quantize_gptq(model_dir: Path, out: Path, texts: list[str], *, bits: int = 4, group_size: int = 128,
                   desc_act: bool = False) -> dict:
     """Quantize `model_dir` into `out` with GPTQModel; returns what was written."""
@@ -46,6 +70,7 @@ def quantize_gptq(model_dir: Path, out: Path, texts: list[str], *, bits: int = 4
         raise UserError("the gptq stage needs GPTQModel: pip install 'edgezh[gptq]' -c constraints.txt") from None
     import torch
 
+    check_group_size(json.loads((model_dir / "config.json").read_text(encoding="utf-8")), group_size)
     weights = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
     ensure_writable(out, int(weights * (bits + 1) / 16), "the GPTQ checkpoint")
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
