@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FIXTURES, TINY_RECIPE
+from conftest import FIXTURES, QUICKSTART, TINY_RECIPE
 from edgezh.cli import main
 from edgezh.eval.report import SECTIONS
 
@@ -148,3 +148,76 @@ def test_impossible_gate_fails_the_build_and_keeps_the_report(built, capsys) -> 
     assert _build(build.parent, *QUICK, "eval.gates.max_kld=10") == 0
     report = (build / "report.md").read_text(encoding="utf-8")
     assert "**Gates: passed** (max_kld)" in report and "FAIL" not in report
+
+
+# ---------------------------------------------------------------- the quickstart, end to end
+
+QUICKSTART_SMALL = ["data.sources.0.samples=80", "data.sources.1.samples=30", "sft.max_steps=2", "sft.save_steps=2",
+                    "dpo.max_steps=2", "dpo.save_steps=2", "export.gptq.samples=4", "eval.max_tokens=256",
+                    "eval.context_length=128", "eval.stride=96", "eval.chinese_reply_prompts=2", "eval.reply_max_tokens=6",
+                    "eval.multiple_choice=[{builtin: hsk-translate, max_questions: 2}]"]
+QUICKSTART_VARIANTS = {"base", "sft", "dpo", "f16", "q4_k_m", "q8_0", "gptq"}
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory) -> dict:
+    """recipes/quickstart.yaml built whole by `edgezh build` (every stage, real SmolLM2 weights), with fewer
+    examples, steps and eval tokens than the shipped recipe so that it fits in the test suite."""
+    root = tmp_path_factory.mktemp("quickstart")
+    assert main(["build", str(QUICKSTART), f"output.root={root}", *QUICKSTART_SMALL]) == 0
+    build = root / "quickstart"
+    return {"build": build, "root": root, "report": (build / "report.md").read_text(encoding="utf-8"),
+            "info": json.loads((build / "10-eval" / "manifest.json").read_text(encoding="utf-8"))["info"],
+            "modelfile": json.loads((build / "09-modelfile" / "manifest.json").read_text(encoding="utf-8"))["info"]}
+
+
+def test_quickstart_report_has_every_section_with_every_variant(quickstart) -> None:
+    report, info, build = quickstart["report"], quickstart["info"], quickstart["build"]
+    assert report.startswith("# quickstart: quality report\n")
+    positions = [report.index(f"\n## {title}") for title in SECTIONS]
+    assert positions == sorted(positions)
+
+    built = _section(report, "What was built")
+    for folder in ("01-base", "02-data", "03-sft", "04-dpo", "05-merge", "06-gguf", "07-quantize", "08-gptq", "09-modelfile"):
+        assert f"| `{folder}` |" in built, folder
+    assert "group_size=64" in built
+
+    ppl = info["perplexity"]
+    assert set(ppl) == QUICKSTART_VARIANTS and set(info["variants"]) == QUICKSTART_VARIANTS
+    ppl_text = _section(report, "Perplexity")
+    for name, values in ppl.items():
+        assert re.search(rf"^\| {name} \| \S+ \| {values['heldout']:,.3f} \| {values['peoples-daily']:,.3f} \|$", ppl_text, re.M), name
+    assert set(info["kld"]["variants"]) == {"q4_k_m", "q8_0", "gptq"}
+    kld_text = _section(report, "KL divergence")
+    assert all(f"| {name} |" in kld_text for name in info["kld"]["variants"])
+    assert [set(m["by_variant"]) for m in info["multiple_choice"]] == [QUICKSTART_VARIANTS]
+    assert "### hsk-translate, 0-shot" in _section(report, "Multiple choice")
+    replies = info["chinese_reply"]
+    assert set(replies["by_variant"]) == QUICKSTART_VARIANTS and "02-data/eval.jsonl" in replies["source"]
+    reply_text = _section(report, "Chinese-reply rate")
+    assert all(f"| {name} | {v['rate']:.1%} |" in reply_text for name, v in replies["by_variant"].items())
+    assert set(info["speed"]) == {"f16", "q4_k_m", "q8_0"}
+    assert all(f"| {name} |" in _section(report, "Speed on this machine") for name in info["speed"])
+
+    curves = _section(report, "Training curves")
+    for name in ("sft-loss", "sft-learning_rate", "dpo-loss", "dpo-rewards", "dpo-reward_accuracy", "perplexity", "kld"):
+        assert f"report/{name}.png" in report
+        assert (build / "report" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert "sft-loss" in curves and "dpo-reward_accuracy" in curves
+    run = _section(report, "Run it")
+    assert set(quickstart["modelfile"]["models"]) == {"f16", "q4_k_m", "q8_0"}
+    for kind, model in quickstart["modelfile"]["models"].items():
+        assert f"ollama create {model} -f {build / 'export' / f'Modelfile.{kind}'}\nollama run {model}" in run
+    assert f"edgezh chat {build}" in run
+    assert json.loads((build / "report" / "results.json").read_text(encoding="utf-8"))["perplexity"] == ppl
+
+
+def test_quickstart_with_an_impossible_gate_fails_and_keeps_its_report(quickstart, capsys) -> None:
+    build = quickstart["build"]
+    gate = ["eval.gates.min_top1=1.0", "eval.multiple_choice=[]", "eval.chinese_reply_prompts=0"]
+    assert main(["build", str(QUICKSTART), f"output.root={quickstart['root']}", *QUICKSTART_SMALL, *gate]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"gptq: top-1 agreement vs f16 0\.\d+ below min_top1 1\b", err), err[-2000:]
+    report = (build / "report.md").read_text(encoding="utf-8")
+    assert report.startswith("# quickstart: quality report\n\n**Gates: FAILED**")
+    assert "## Perplexity" in report and not (build / "10-eval").exists()

@@ -177,37 +177,46 @@ def test_loss_scale_weights_each_token(sft_trainer, data_dir: Path) -> None:
     assert loss_over_2n == pytest.approx(loss_weighted / 2, rel=1e-5)  # gradient accumulation: N over the whole step
 
 
-def test_padding_free_batch_gives_the_padded_loss(sft_trainer, data_dir: Path) -> None:
-    from edgezh.train.data import SFTCollator
-
-    pad = info(data_dir)["pad_token_id"]
-    examples = rows(data_dir)[:6]
-    padded, flat = SFTCollator(pad)(examples), SFTCollator(pad, padding_free=True)(examples)
-    assert flat["input_ids"].shape == (1, sum(len(e["input_ids"]) for e in examples)) and "attention_mask" not in flat
-    with torch.no_grad():
-        a = sft_trainer.compute_loss(sft_trainer.model, dict(padded)).item()
-        b = sft_trainer.compute_loss(sft_trainer.model, dict(flat)).item()
-    assert a == pytest.approx(b, rel=1e-5)
-    # without restarting positions the examples would attend to each other: a different loss
-    with torch.no_grad():
-        joined = dict(flat, position_ids=torch.arange(flat["input_ids"].size(1))[None])
-        c = sft_trainer.compute_loss(sft_trainer.model, joined).item()
-    assert abs(c - a) > 1e-3
-
-
-def test_packing_keeps_loss_scale_aligned(data_dir: Path, tmp_path: Path) -> None:
+def test_packed_rows_give_the_padded_loss_of_their_examples(sft_trainer, data_dir: Path, tmp_path: Path) -> None:
     from edgezh.train.data import SFTCollator, load_sft, pack
 
+    pad = info(data_dir)["pad_token_id"]
     dataset, counts = load_sft(data_dir / "train.parquet", tmp_path, 64)
     packed = pack(dataset, 64)
     assert len(packed) < counts["examples"] and sum(len(r["seq_lengths"]) for r in packed) == counts["examples"]
     for row in packed:
         assert len(row["input_ids"]) == sum(row["seq_lengths"]) <= 64
         assert [label != -100 for label in row["labels"]] == [scale > 0 for scale in row["loss_scale"]]
-    batch = SFTCollator(0, padding_free=True)([packed[0], packed[1]])
-    starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()
-    assert len(starts) == len(packed[0]["seq_lengths"]) + len(packed[1]["seq_lengths"])
-    assert all(batch["labels"][0, i] == -100 for i in starts)  # no example is trained to follow the previous one
+    chosen = sorted(packed, key=lambda r: -len(r["seq_lengths"]))[:2]  # rows holding several examples
+    chosen = chosen if len(chosen[0]["input_ids"]) != len(chosen[1]["input_ids"]) else [chosen[0], packed[-1]]
+    examples = []
+    for row in chosen:
+        start = 0
+        for length in row["seq_lengths"]:
+            examples.append({c: row[c][start:start + length] for c in ("input_ids", "labels", "loss_scale")})
+            start += length
+    assert len(examples) > len(chosen)
+
+    batch = SFTCollator(pad, padding_free=True)(chosen)
+    width = max(len(r["input_ids"]) for r in chosen)
+    assert batch["input_ids"].shape == (2, width) and "attention_mask" not in batch  # one row per packed row
+    assert int(batch["token_count"]) == sum(len(e["input_ids"]) for e in examples)
+    for r, row in enumerate(chosen):
+        starts = (batch["position_ids"][r] == 0).nonzero().flatten().tolist()
+        n = len(row["input_ids"])
+        assert starts[:len(row["seq_lengths"])] == [sum(row["seq_lengths"][:i]) for i in range(len(row["seq_lengths"]))]
+        assert all(batch["labels"][r, i] == -100 for i in starts)  # no example is trained to follow the previous one
+        assert (batch["labels"][r, n:] == -100).all() and (batch["loss_scale"][r, n:] == 0).all()  # the pad tail
+    padded = SFTCollator(pad)(examples)
+    with torch.no_grad():
+        a = sft_trainer.compute_loss(sft_trainer.model, dict(padded)).item()
+        b = sft_trainer.compute_loss(sft_trainer.model, dict(batch)).item()
+    assert a == pytest.approx(b, rel=1e-5)
+    # without restarting positions the packed examples would attend to each other: a different loss
+    with torch.no_grad():
+        joined = dict(batch, position_ids=torch.arange(width).expand(2, -1))
+        c = sft_trainer.compute_loss(sft_trainer.model, joined).item()
+    assert abs(c - a) > 1e-3
 
 
 def test_sft_packed_with_gradient_checkpointing_trains(tiny_llama3: Path, data_dir: Path, tmp_path: Path) -> None:
@@ -220,7 +229,7 @@ def test_sft_packed_with_gradient_checkpointing_trains(tiny_llama3: Path, data_d
     assert facts["packing"] is True and facts["steps"] == 3
     # ~20-token examples packed into 64-token rows: one optimizer step sees several examples
     assert facts["tokens"]["total"] / 3 > 40
-    assert facts["tokens"]["computed"] == facts["tokens"]["total"]  # padding-free: no position is padding
+    assert facts["tokens"]["total"] <= facts["tokens"]["computed"]  # packed rows padded to the widest of the batch
     assert facts["final_loss"] < facts["first_loss"]
     weights = load_file(Path(job.out) / "adapter" / "adapter_model.safetensors")
     base = load_file(tiny_llama3 / "model.safetensors")

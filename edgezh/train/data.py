@@ -3,9 +3,9 @@
 SFT rows (`train.parquet` / `eval.parquet`) are already encoded by the data stage through the
 template registry: `input_ids`, `labels` (-100 where not trained), `loss_scale` (a weight per
 token, aligned with `labels`). They reach the model untouched: no re-tokenization, no TRL
-dataset preparation. `SFTCollator` pads with the data's pad id (or, padding-free, concatenates
-the batch into one row with restarting `position_ids`, which transformers' SDPA/eager attention
-turns into a block-diagonal mask) and carries `loss_scale` beside `labels`.
+dataset preparation. `SFTCollator` pads with the data's pad id (or, padding-free, gives packed rows
+restarting `position_ids`, which transformers' SDPA/eager attention turns into a block-diagonal
+mask) and carries `loss_scale` beside `labels`.
 """
 
 from __future__ import annotations
@@ -76,8 +76,12 @@ def pack(dataset, max_length: int):
 @dataclass
 class SFTCollator:
     """Batches of encoded examples → tensors: input_ids, labels, loss_scale and either attention_mask
-    (padded) or position_ids (padding-free: one row, positions restart at every example, the first
-    label of each example masked so no example is trained to follow the previous one)."""
+    (padded) or, padding-free, `position_ids` that restart at every example packed into a row (no
+    attention mask: transformers turns restarting positions into a block-diagonal mask, row by row).
+    Padding-free rows stay separate rows, padded at the end to the widest (the pad run is a block of
+    its own, untrained), so attention costs width² per row rather than (all tokens of the batch)²;
+    the first label of each packed example is masked so no example is trained to follow the previous
+    one, and `token_count` carries the number of real tokens."""
 
     pad_token_id: int
     padding_free: bool = False
@@ -88,44 +92,32 @@ class SFTCollator:
         for example in examples:
             if not len(example["input_ids"]) == len(example["labels"]) == len(example["loss_scale"]):
                 raise ValueError("an encoded example has input_ids, labels and loss_scale of different lengths")
-        if self.padding_free:
-            return self._flat(examples)
         width = max(len(e["input_ids"]) for e in examples)
         batch = {
             "input_ids": torch.full((len(examples), width), self.pad_token_id, dtype=torch.long),
-            "attention_mask": torch.zeros((len(examples), width), dtype=torch.long),
             "labels": torch.full((len(examples), width), -100, dtype=torch.long),
             "loss_scale": torch.zeros((len(examples), width), dtype=torch.float32),
         }
+        if self.padding_free:
+            batch["position_ids"] = torch.zeros((len(examples), width), dtype=torch.long)
+            batch["token_count"] = torch.tensor(sum(len(e["input_ids"]) for e in examples))
+        else:
+            batch["attention_mask"] = torch.zeros((len(examples), width), dtype=torch.long)
         for row, example in enumerate(examples):
             n = len(example["input_ids"])
             batch["input_ids"][row, :n] = torch.as_tensor(example["input_ids"])
-            batch["attention_mask"][row, :n] = 1
             batch["labels"][row, :n] = torch.as_tensor(example["labels"])
             batch["loss_scale"][row, :n] = torch.as_tensor(example["loss_scale"], dtype=torch.float32)
-        return batch
-
-    def _flat(self, examples: list[dict]) -> dict:
-        import torch
-
-        ids, labels, scale, positions = [], [], [], []
-        for example in examples:
-            lengths = example.get("seq_lengths") or [len(example["input_ids"])]
-            ids.extend(example["input_ids"])
-            scale.extend(example["loss_scale"])
+            if not self.padding_free:
+                batch["attention_mask"][row, :n] = 1
+                continue
             start = 0
-            for length in lengths:
-                positions.extend(range(length))
-                piece = list(example["labels"][start:start + length])
-                piece[0] = -100
-                labels.extend(piece)
+            for length in [*(example.get("seq_lengths") or [n]), width - n]:
+                batch["position_ids"][row, start:start + length] = torch.arange(length)
+                if length and start < n:
+                    batch["labels"][row, start] = -100
                 start += length
-        return {
-            "input_ids": torch.tensor([ids], dtype=torch.long),
-            "position_ids": torch.tensor([positions], dtype=torch.long),
-            "labels": torch.tensor([labels], dtype=torch.long),
-            "loss_scale": torch.tensor([scale], dtype=torch.float32),
-        }
+        return batch
 
 
 def load_pairs(path: Path) -> Any:

@@ -49,6 +49,7 @@ class WeightedSFTTrainer(SFTTrainer):
         mode = "train" if self.model.training else "eval"
         inputs = dict(inputs)
         loss_scale = inputs.pop("loss_scale")
+        token_count = inputs.pop("token_count", None)  # padding-free rows: the real tokens (no attention mask)
         inputs["use_cache"] = False
         outputs = model(**inputs, fused_lm_head=True)
         loss = scaled_token_loss(outputs.log_probs, loss_scale, outputs.label_mask, num_items_in_batch)
@@ -57,7 +58,7 @@ class WeightedSFTTrainer(SFTTrainer):
             loss = loss * self.accelerator.num_processes
 
         trained = outputs.label_mask.sum()
-        total = inputs["attention_mask"].sum() if "attention_mask" in inputs else inputs["input_ids"].numel()
+        total = inputs["attention_mask"].sum() if token_count is None else token_count
         session.count_tokens(self, self.token_counter, total, trained, inputs["input_ids"].numel())
         valid = self.accelerator.gather_for_metrics(trained.detach().reshape(1)).sum()
         correct = self.accelerator.gather_for_metrics(outputs.is_top1.sum().detach().reshape(1)).sum()
