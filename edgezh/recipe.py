@@ -208,8 +208,8 @@ class SFTConfig(TrainCommon):
     """Supervised fine-tuning (TRL SFTTrainer)."""
 
     packing: bool = Field(False, description="Pack examples padding-free.")
-    rope_theta: PosFloat | None = Field(None, description="Override the RoPE base (context extension).")
-    max_position_embeddings: PosInt | None = Field(None, description="Override the declared context length (context extension).")
+    rope_theta: PosFloat | None = Field(None, description="Override the RoPE base (context extension); DPO and the merged/exported model keep it.")
+    max_position_embeddings: PosInt | None = Field(None, description="Override the declared context length (context extension); DPO and the merged/exported model keep it.")
     save_steps: PosInt = Field(100, description="Checkpoint every N optimizer steps into the stage's scratch folder; a rerun after an interruption resumes from the last complete checkpoint (only the adapter is saved for LoRA, plus optimizer state).")
     eval_steps: PosInt | None = Field(None, description="Evaluate on the held-out split every N steps; left out, once after training. The eval loss goes to the log and the manifest.")
 

@@ -211,6 +211,37 @@ def test_qlora_note_from_training_manifest(tiny_llama3, adapters, tmp_path) -> N
     assert merge(tiny_llama3, adapters["rslora"], tmp_path / "out2", trained_4bit=True)["qlora_note"] == note
 
 
+def test_context_overrides_of_the_training_reach_the_merged_config(tiny_llama3, adapters, tmp_path) -> None:
+    """A LoRA trained with a longer context (sft.rope_theta / max_position_embeddings) is exported with it."""
+    from transformers import AutoConfig
+
+    from edgezh.artifacts import Artifact
+    from edgezh.export import merge_stage
+    from edgezh.models.context import context_changes
+    from edgezh.recipe import MergeConfig
+
+    stage = tmp_path / "03-sft"
+    shutil.copytree(adapters["rslora"], stage / "adapter")
+    base = Artifact("base", tmp_path / "01-base", {}, {"model_path": str(tiny_llama3)})
+    training = Artifact("sft", stage, {}, {"method": "lora", "config_overrides": {"rope_theta": 1e6, "max_position_embeddings": 16384}})
+    out = tmp_path / "out"
+    out.mkdir()
+    info = merge_stage.run(MergeConfig(), {"base": base, "sft": training}, out)
+    assert info["config_overrides"] == {"rope_theta": 1e6, "max_position_embeddings": 16384}
+    before, after = AutoConfig.from_pretrained(tiny_llama3), AutoConfig.from_pretrained(out)
+    assert before.rope_parameters["rope_theta"] != 1e6
+    assert after.rope_parameters["rope_theta"] == 1e6 and after.max_position_embeddings == 16384
+    same = lambda c: {k: v for k, v in c.to_dict().items() if k not in ("rope_parameters", "max_position_embeddings", "_name_or_path")}
+    assert same(after) == same(before) and after.rope_parameters == {**before.rope_parameters, "rope_theta": 1e6}
+    plain = merge(tiny_llama3, adapters["rslora"], tmp_path / "plain")  # no overrides: the base's config
+    unchanged = AutoConfig.from_pretrained(tmp_path / "plain")
+    assert same(unchanged) == same(before) and unchanged.rope_parameters == before.rope_parameters
+    assert unchanged.max_position_embeddings == before.max_position_embeddings and plain["config_overrides"] == {}
+    # a config that still keeps rope_theta at the top level keeps it there
+    assert context_changes({"rope_theta": 5e5}, {"rope_theta": 1e6}) == {"rope_theta": 1e6}
+    assert context_changes({}, {"max_position_embeddings": 4096}) == {"max_position_embeddings": 4096}
+
+
 # ---------------------------------------------------------------- bad input
 
 

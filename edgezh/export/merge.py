@@ -19,6 +19,7 @@ import torch
 from edgezh.errors import UserError
 from edgezh.export.lora import LoraAdapter
 from edgezh.export.tensor_stream import CODES, SafetensorsWriter, read_tensor, row_chunks
+from edgezh.models.context import context_changes
 from edgezh.models.resolve import PICKLE_SUFFIXES, check_safetensors, read_config
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -82,11 +83,13 @@ def _plan_shards(entries: list[tuple[str, int]], limit: int) -> list[int]:
 
 
 def merge(base_dir: Path, adapter_dir: Path, out: Path, *, dtype: str = "auto", shard_size_mb: int = 2000,
-          trained_4bit: bool | None = None) -> dict:
+          trained_4bit: bool | None = None, config_overrides: dict | None = None) -> dict:
     """Write `base + adapter` as an HF model folder into `out` (a fresh folder); returns facts for the manifest.
 
     `trained_4bit`: the adapter was trained over a 4-bit (QLoRA) copy of this base; None reads it from
     a training manifest beside the adapter (`method: qlora`), since adapter_config does not record it.
+    `config_overrides`: the context extension the adapter was trained with (rope_theta,
+    max_position_embeddings), written into the merged config.
     """
     base_dir, adapter_dir, out = Path(base_dir), Path(adapter_dir), Path(out)
     if dtype != "auto" and dtype not in DTYPES:
@@ -197,6 +200,7 @@ def merge(base_dir: Path, adapter_dir: Path, out: Path, *, dtype: str = "auto", 
             index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
             written.append(out / INDEX_NAME)
             (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        config.update(context_changes(config, config_overrides or {}))
         if dtype != "auto":
             config["dtype"] = dtype
             if "torch_dtype" in config:
@@ -238,4 +242,5 @@ def merge(base_dir: Path, adapter_dir: Path, out: Path, *, dtype: str = "auto", 
                                                 else "mixed: " + ", ".join(sorted(written_dtypes))),
         "shards": n_out,
         "qlora_note": note,
+        "config_overrides": dict(config_overrides or {}),
     }

@@ -10,7 +10,7 @@ from edgezh.export.stages import adapter_dir
 from edgezh.models.base_stage import model_dir
 from edgezh.recipe import MergeConfig
 
-VERSION = "1"
+VERSION = "2"  # 2: the training's context overrides reach the merged config
 
 
 def run(cfg: MergeConfig, inputs: dict[str, Artifact], out: Path) -> dict:
@@ -20,4 +20,5 @@ def run(cfg: MergeConfig, inputs: dict[str, Artifact], out: Path) -> dict:
         (out / "source.json").write_text(f'{{"path": "{training.path / "model"}"}}\n', encoding="utf-8")
         return {"model_path": str(training.path / "model"), "note": "full fine-tune: no adapter to merge"}
     return merge(model_dir(inputs["base"]), adapter_dir(training), out, dtype=cfg.dtype,
-                 shard_size_mb=cfg.shard_size_mb, trained_4bit=training.info.get("method") == "qlora")
+                 shard_size_mb=cfg.shard_size_mb, trained_4bit=training.info.get("method") == "qlora",
+                 config_overrides=training.info.get("config_overrides") or {})

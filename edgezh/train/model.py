@@ -20,6 +20,7 @@ from typing import Any
 
 from edgezh import templates
 from edgezh.errors import UserError
+from edgezh.models.context import context_changes
 from edgezh.recipe import LoraSpec, QuantSpec
 from edgezh.train.precision import Precision
 
@@ -47,16 +48,11 @@ def load_config(model_dir: str | Path, overrides: dict):
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_dir)
-    if "rope_theta" in overrides:
-        rope = dict(getattr(config, "rope_parameters", None) or {})
-        if rope or not hasattr(config, "rope_theta"):
-            rope["rope_theta"] = float(overrides["rope_theta"])
-            rope.setdefault("rope_type", "default")
-            config.rope_parameters = rope
-        else:  # configs that still keep a top-level rope_theta
-            config.rope_theta = float(overrides["rope_theta"])
-    if "max_position_embeddings" in overrides:
-        config.max_position_embeddings = int(overrides["max_position_embeddings"])
+    current = {"rope_parameters": getattr(config, "rope_parameters", None)}
+    if hasattr(config, "rope_theta"):
+        current["rope_theta"] = config.rope_theta
+    for key, value in context_changes(current, overrides).items():
+        setattr(config, key, value)
     config.use_cache = False
     return config
 
