@@ -223,10 +223,8 @@ class ChatApp(App[int]):
         if self.engine is None or self.session is None:
             self.notify(f"没有加载模型 · no model is loaded ({self.config.model.name})", severity="error")
             return
-        try:
-            settings = self.query_one(SettingsPanel).read()
-        except ValueError as exc:
-            self.notify(str(exc), title="设置有误 · settings", severity="error")
+        settings = self._read_settings()
+        if settings is None:
             return
         if settings.system != (self.session.system or ""):
             self.session.set_system(settings.system or None)
@@ -398,13 +396,19 @@ class ChatApp(App[int]):
         if self.generating:
             self.notify("先取消当前回答（Esc）· cancel the answer first (Esc)", severity="warning")
             return
-        try:
-            settings = self.query_one(SettingsPanel).read()
-        except ValueError as exc:
-            self.notify(str(exc), title="设置有误 · settings", severity="error")
+        settings = self._read_settings()
+        if settings is None:
             return
         self._set_status("正在重新加载… · reloading")
         self._load(settings.n_ctx, settings.threads, settings.gpu_layers)
+
+    def _read_settings(self):
+        """The settings panel's values, or None after telling the user what is wrong with them."""
+        try:
+            return self.query_one(SettingsPanel).read()
+        except ValueError as exc:
+            self.notify(str(exc), title="设置有误 · settings", severity="error")
+            return None
 
     # --- status line ---------------------------------------------------------------------------------
 

@@ -48,10 +48,7 @@ def load_config(model_dir: str | Path, overrides: dict):
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_dir)
-    current = {"rope_parameters": getattr(config, "rope_parameters", None)}
-    if hasattr(config, "rope_theta"):
-        current["rope_theta"] = config.rope_theta
-    for key, value in context_changes(current, overrides).items():
+    for key, value in context_changes(config.to_dict(), overrides).items():
         setattr(config, key, value)
     config.use_cache = False
     return config
