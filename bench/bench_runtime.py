@@ -42,7 +42,7 @@ def smollm2_ggufs(work: Path) -> dict[str, Path]:
     """f16, q4_k_m and q8_0 GGUFs of SmolLM2 (built once into `work`)."""
     from edgezh.export.gguf_writer import convert
     from edgezh.export.quantize import quantize
-    from edgezh.models.base_stage import model_dir
+    from edgezh.layout import model_dir
     from edgezh.pipeline import make_plan, run_plan
     from edgezh.recipe_load import load_recipe
 

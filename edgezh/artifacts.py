@@ -150,14 +150,9 @@ def scratch_dir(out: Path, cfg: Any, inputs: dict[str, "Artifact"]) -> Path:
     return folder
 
 
-def commit(tmp: Path, final: Path, manifest: dict) -> Artifact:
-    """Hash the outputs in `tmp`, write the manifest, and move `tmp` to `final` atomically."""
-    files, sizes = hash_outputs(tmp)
-    manifest = {**manifest, "files": files, "sizes": sizes}
-    manifest["hash"] = Artifact(manifest["stage"], final, files).hash
-    manifest_tmp = tmp / (MANIFEST + ".part")
-    manifest_tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(manifest_tmp, tmp / MANIFEST)
+def swap_in(tmp: Path, final: Path) -> None:
+    """Put the finished folder `tmp` in place of `final`: the old one moves aside first and is removed
+    after, so `final` is at every moment either the old folder or the new one."""
     old = final.with_name(final.name + ".old")
     if old.exists():
         shutil.rmtree(old)
@@ -166,6 +161,17 @@ def commit(tmp: Path, final: Path, manifest: dict) -> Artifact:
     os.replace(tmp, final)
     if old.exists():
         shutil.rmtree(old)
+
+
+def commit(tmp: Path, final: Path, manifest: dict) -> Artifact:
+    """Hash the outputs in `tmp`, write the manifest, and move `tmp` to `final` atomically."""
+    files, sizes = hash_outputs(tmp)
+    manifest = {**manifest, "files": files, "sizes": sizes}
+    manifest["hash"] = Artifact(manifest["stage"], final, files).hash
+    manifest_tmp = tmp / (MANIFEST + ".part")
+    manifest_tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(manifest_tmp, tmp / MANIFEST)
+    swap_in(tmp, final)
     scratch = final.with_name(final.name + ".scratch")
     if scratch.exists():
         shutil.rmtree(scratch)

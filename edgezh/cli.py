@@ -18,6 +18,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgezh", description="Take a Llama 3 model to Chinese users on their own machines: "
                                 "one recipe from fine-tuning to GGUF, Ollama and a terminal chat.")
     p.add_argument("--version", action="version", version=f"edgezh {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show the libraries' own output (logs, warnings, progress bars) live; without it, a build "
+                   "writes them to builds/<name>/build.log")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     b = sub.add_parser("build", help="run a recipe: base → data → sft → dpo → merge → gguf → … (cached, resumable)")
@@ -28,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--from", dest="start", metavar="STAGE", help="rerun from this stage on (earlier stages must be built)")
     b.add_argument("--force", metavar="STAGE", action="append", default=[], help="rerun this stage even if cached (repeatable)")
     b.add_argument("--allow-pickle", action="store_true", help="accept pickle weights in the base model (unsafe for untrusted files)")
+    b.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="show the libraries' output live (it always goes to builds/<name>/build.log)")
 
     ls = sub.add_parser("ls", help="list shipped recipes, chat templates or stages")
     ls.add_argument("what", choices=["recipes", "templates", "stages"])
@@ -52,6 +57,14 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("gguf", help="f32/f16/bf16 GGUF file")
     q.add_argument("types", nargs="+", metavar="TYPE", help="q4_k_m, q4_k_s, q5_k_m, q5_k_s, q6_k, q8_0, …")
     q.add_argument("-o", "--output-dir", help="folder for the results (default: beside the input)")
+    q.add_argument("--imatrix", metavar="FILE", help="importance matrix (edgezh's or llama-imatrix's .gguf / .dat); "
+                   "needed by the IQ types and q2_k_s")
+    q.add_argument("--tensor-type", metavar="REGEX=TYPE", action="append", default=[],
+                   help="give the tensors whose GGUF name matches REGEX the ggml TYPE (repeatable; first match wins)")
+    q.add_argument("--output-type", metavar="TYPE", help="type of output.weight (e.g. q8_0)")
+    q.add_argument("--token-embedding-type", metavar="TYPE", help="type of token_embd.weight (e.g. q4_k)")
+    q.add_argument("--pure", action="store_true", help="every tensor in the mix's own type (no k-quant mix rules)")
+    q.add_argument("--dry-run", action="store_true", help="print the size each type would have; write nothing")
 
     mf = sub.add_parser("modelfile", help="write an Ollama Modelfile beside a GGUF")
     mf.add_argument("gguf", help="GGUF file")
@@ -59,13 +72,36 @@ def _parser() -> argparse.ArgumentParser:
     mf.add_argument("--system", help="system prompt (default: the format's Chinese default)")
     mf.add_argument("--num-ctx", type=int, default=4096)
 
-    from edgezh.runtime.cli_args import add_chat_parser, add_serve_parser
+    from edgezh.commands.chat import add_chat_parser, add_serve_parser
+    from edgezh.commands.eval import add_eval_parser
+
+    add_eval_parser(sub)
 
     add_chat_parser(sub)
     add_serve_parser(sub)
 
-    sub.add_parser("doctor", help="check the installation: versions, llama.cpp, CUDA, bitsandbytes, DeepSpeed, RAM, disk")
+    d = sub.add_parser("doctor", help="check the installation: versions, llama.cpp, CUDA, bitsandbytes, DeepSpeed, RAM, disk")
+    d.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="show what the libraries print while they are checked")
     return p
+
+
+def print_error(exc: Exception, args: argparse.Namespace | None = None) -> None:
+    """A UserError as the person sees it: a recipe's problems under one count line, anything else one
+    `error:` line per line of its message. Never a traceback."""
+    from rich.markup import escape
+
+    from edgezh.progress import console
+    from edgezh.recipe_load import RecipeError
+
+    if isinstance(exc, RecipeError):
+        recipe = getattr(args, "recipe", None) or "recipe"
+        console.print(f"[bold red]error:[/] {escape(str(recipe))}: {len(exc.problems)} problem(s) in the recipe")
+        for problem in exc.problems:
+            console.print(f"  {problem}", markup=False)
+        return
+    for line in str(exc).splitlines() or [type(exc).__name__]:
+        console.print(f"[bold red]error:[/] {escape(line)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,36 +116,44 @@ def main(argv: list[str] | None = None) -> int:
     from edgezh.progress import console
 
     try:
-        if args.command == "build":
-            from edgezh.commands.build import build
-
-            return build(args)
-        if args.command == "ls":
-            from edgezh.commands.listing import listing
-
-            return listing(args.what)
-        if args.command == "explain":
-            from edgezh.commands.explain import explain
-
-            return explain(args.section)
-        if args.command in ("merge", "convert", "quantize", "modelfile"):
-            from edgezh.commands import export
-
-            return getattr(export, f"{args.command}_cmd")(args)
-        if args.command in ("chat", "serve"):
-            from edgezh.runtime import cli_args
-
-            return cli_args.run_chat(args) if args.command == "chat" else cli_args.run_serve(args)
-        if args.command == "doctor":
-            from edgezh.commands.doctor import doctor
-
-            return doctor()
-    except UserError as exc:
-        console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+        return _dispatch(args)
+    except UserError as exc:  # the one place a user's mistake becomes its message and exit code 2
+        print_error(exc, args)
         return EXIT_USER
     except KeyboardInterrupt:
         console.print("interrupted")
         return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "build":
+        from edgezh.commands.build import build
+
+        return build(args)
+    if args.command == "ls":
+        from edgezh.commands.listing import listing
+
+        return listing(args.what)
+    if args.command == "explain":
+        from edgezh.commands.explain import explain
+
+        return explain(args.section)
+    if args.command in ("merge", "convert", "quantize", "modelfile"):
+        from edgezh.commands import export
+
+        return getattr(export, f"{args.command}_cmd")(args)
+    if args.command in ("chat", "serve"):
+        from edgezh.commands import chat
+
+        return chat.run_chat(args) if args.command == "chat" else chat.run_serve(args)
+    if args.command == "eval":
+        from edgezh.commands.eval import eval_cmd
+
+        return eval_cmd(args)
+    if args.command == "doctor":
+        from edgezh.commands.doctor import doctor
+
+        return doctor(verbose=args.verbose)
     return 1
 
 

@@ -1,4 +1,5 @@
-"""Read a few metadata values from a GGUF header without loading the model.
+"""GGUF facts shared by the importer and the writer: llama.cpp's pre-tokenizer definitions, and a
+reader of a few metadata values from a GGUF header without loading the model.
 
 gguf-py's `GGUFReader` parses every field and tensor (seconds for a 128k-token vocabulary); this
 scanner walks the key/value section once, skipping arrays, and keeps only the keys asked for.
@@ -11,6 +12,40 @@ from pathlib import Path
 from typing import Any, BinaryIO, Iterable
 
 from edgezh.errors import UserError
+
+# --- pre-tokenizers -------------------------------------------------------------------------------
+
+_LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+PRE_TOKENIZERS: dict[str, dict[str, Any]] = {
+    # Meta's Llama 3 tokenizer.json (and transformers' conversion of Meta's tiktoken file):
+    # Llama 3's split regex, then byte-level mapping without GPT-2's own regex.
+    "llama-bpe": {
+        "type": "Sequence",
+        "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": _LLAMA3_REGEX}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+        ],
+    },
+    # SmolLM/SmolLM2 on the hub: every digit on its own, then GPT-2's byte-level regex.
+    "smollm": {
+        "type": "Sequence",
+        "pretokenizers": [
+            {"type": "Digits", "individual_digits": True},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+        ],
+    },
+    # Plain GPT-2 byte-level regex. This is also what transformers builds when it imports a GGUF whose
+    # pre-tokenizer it has no regex for (e.g. SmolLM2's "smollm": the digit split is lost on import).
+    "gpt-2": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+}
+"""llama.cpp pre-tokenizer name → the ``tokenizer.json`` ``pre_tokenizer`` definition that splits text the
+same way (compared after dropping ``trim_offsets``, which only affects offsets, and unwrapping one-element
+sequences). Complete definitions: the GGUF import in ``edgezh.models.base_stage`` installs them as they are."""
+
 
 # GGUF value types (gguf-py's GGUFValueType)
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}

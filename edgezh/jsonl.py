@@ -1,4 +1,4 @@
-"""JSON Lines files: the one reader every artifact and history file goes through."""
+"""JSON and JSON Lines files: the one reader every artifact, config and history file goes through."""
 
 from __future__ import annotations
 
@@ -29,6 +29,22 @@ def numbered_records(path: Path) -> Iterator[tuple[int, Any]]:
                 yield number, record
         except UnicodeDecodeError:
             raise UserError(f"{path}:{number + 1}: not UTF-8 text") from None
+
+
+def read_json(path: Path, *, what: str = "a JSON object") -> Any:
+    """A JSON file that must hold an object; missing, unreadable, not JSON or not an object is a
+    UserError naming `path`."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read it ({exc})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected {what}")
+    return data
 
 
 def read_jsonl(path: Path) -> list[Any]:

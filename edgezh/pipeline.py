@@ -22,14 +22,15 @@ from typing import Any, Iterator
 from pydantic import BaseModel
 
 from edgezh import __version__
-from edgezh.artifacts import Artifact, PeakRSS, canonical_hash, commit, fresh_tmp, package_versions, read_manifest
+from edgezh.errors import UserError
+from edgezh.artifacts import Artifact, PeakRSS, canonical_hash, commit, fresh_tmp, package_versions, read_manifest, swap_in
 from edgezh.recipe import Recipe
 from edgezh.stages import STAGES, StageSpec
 
 log = logging.getLogger("edgezh.pipeline")
 
 
-class PlanError(Exception):
+class PlanError(UserError):
     """The recipe asks for something this build cannot do (exit 2, nothing written)."""
 
 
@@ -88,6 +89,17 @@ def stage_key(spec: StageSpec, config: Any, input_hashes: dict[str, str]) -> str
     })
 
 
+def _use_cache(step: Step, input_hashes: dict[str, str]) -> bool:
+    """Set the step's key from its inputs; when its folder holds a complete manifest with that key, take
+    the artifact from it (True)."""
+    step.key = stage_key(step.spec, step.config, input_hashes)
+    manifest = read_manifest(step.folder)
+    if manifest is None or manifest.get("key") != step.key:
+        return False
+    step.manifest, step.artifact = manifest, Artifact.load(step.folder)
+    return True
+
+
 def make_plan(recipe: Recipe, *, until: str | None = None, start: str | None = None,
               force: tuple[str, ...] = (), stages: tuple[StageSpec, ...] = STAGES) -> Plan:
     """Choose the stages to run and mark each cached / to run, without running anything."""
@@ -134,18 +146,13 @@ def make_plan(recipe: Recipe, *, until: str | None = None, start: str | None = N
         if any(u.artifact is None for u in upstream):
             step.status = "blocked" if index < first else "run"  # an input is not built yet
             continue
-        step.key = stage_key(step.spec, step.config, {u.name: u.artifact.hash for u in upstream})
-        manifest = read_manifest(step.folder)
-        cached = manifest is not None and manifest.get("key") == step.key
+        cached = _use_cache(step, {u.name: u.artifact.hash for u in upstream})
         if index >= first and (start is not None or step.name in force):
             step.status = "forced"
         elif cached:
             step.status = "cached"
         else:
             step.status = "blocked" if index < first else "run"
-        if cached:
-            step.manifest = manifest
-            step.artifact = Artifact.load(step.folder)
     blocked = [s.name for s in plan.steps if s.status == "blocked"]
     if blocked:
         raise PlanError(f"--from {start}: earlier stage(s) {', '.join(blocked)} are not built with this recipe; "
@@ -221,9 +228,7 @@ def publish_exports(plan: Plan) -> Path | None:
             os.link(path, tmp / path.name)
         except OSError:
             shutil.copy2(path, tmp / path.name)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    swap_in(tmp, final)
     return final
 
 
@@ -236,11 +241,8 @@ def run_plan(plan: Plan, on_step=None) -> None:
         if step.status == "skipped":
             continue
         if step.status != "forced":
-            key = stage_key(step.spec, step.config, {n: by_name[n].artifact.hash for n in step.needs})
-            manifest = read_manifest(step.folder)
-            if manifest is not None and manifest.get("key") == key:
-                step.key, step.status, step.manifest = key, "cached", manifest
-                step.artifact = Artifact.load(step.folder)
+            if _use_cache(step, {n: by_name[n].artifact.hash for n in step.needs}):
+                step.status = "cached"
                 log.info("stage %s: cached (%s)", step.name, step.folder)
                 if on_step:
                     on_step(step, "cached")

@@ -18,6 +18,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError
 
+from edgezh.errors import UserError
 from edgezh.paths import PathResolutionError, resolve_path
 from edgezh.recipe import Recipe, RecipeConsistencyError
 
@@ -36,8 +37,8 @@ class Problem:
         return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
 
 
-class RecipeError(Exception):
-    """A recipe that cannot be used; `problems` lists every reason."""
+class RecipeError(UserError):
+    """A recipe that cannot be used; `problems` lists every reason (exit 2, nothing written)."""
 
     def __init__(self, problems: list[Problem]):
         self.problems = problems
@@ -48,9 +49,10 @@ class RecipeError(Exception):
 # Each entry is a dotted pattern; `*` matches a list index.
 PATH_FIELDS = (
     "base.path", "data.sources.*.path", "sft.hostfile", "dpo.hostfile", "sft.deepspeed", "dpo.deepspeed",
-    "eval.multiple_choice.*.path",
+    "eval.multiple_choice.*.path", "export.gguf.imatrix.file", "export.gguf.imatrix.text.*",
 )
-BUILTIN_NAMES = {"zero2", "zero3", "zero2_offload"}  # values of path fields that name a built-in, not a file
+# values of path fields that name a built-in, not a file (DeepSpeed presets; calibration texts)
+BUILTIN_NAMES = {"zero2", "zero3", "zero2_offload", "train", "peoples-daily", "hsk"}
 
 
 def _plain(node: Any, prefix: tuple, lines: dict[tuple, int]) -> Any:

@@ -25,7 +25,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def build_base(recipe: Path, *overrides: str) -> Path:
     """Run a recipe's `base` stage into the fixture cache; returns the HF model folder."""
-    from edgezh.models.base_stage import model_dir
+    from edgezh.layout import model_dir
     from edgezh.pipeline import make_plan, run_plan
     from edgezh.recipe_load import load_recipe
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from edgezh.models.base_stage import model_dir
+from edgezh.layout import model_dir
 from edgezh.stages import STAGES, StageSpec
 
 VERSION = "1"

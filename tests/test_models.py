@@ -54,7 +54,7 @@ def _recipe(tmp: Path, base: str) -> Path:
 
 def test_local_folder_is_referenced_and_detected(tmp_path: Path, tiny_llama3: Path, monkeypatch) -> None:
     from edgezh.artifacts import Artifact
-    from edgezh.models.base_stage import model_dir
+    from edgezh.layout import model_dir
 
     monkeypatch.chdir(tmp_path)
     assert main(["build", str(_recipe(tmp_path, f"{{path: {tiny_llama3}}}"))]) == 0

@@ -2,53 +2,41 @@
 
 from __future__ import annotations
 
-import logging
 import shutil
-from pathlib import Path
 
 from rich.table import Table
 
-from edgezh import estimate
-from edgezh.errors import UserError
+from edgezh import estimate, progress, quiet
 from edgezh.export.modelfile import commands
-from edgezh.pipeline import Plan, PlanError, build_lock, make_plan, run_plan
+from edgezh.pipeline import Plan, build_lock, make_plan, run_plan
 from edgezh.progress import console, out
-from edgezh.recipe_load import RecipeError, load_recipe
+from edgezh.recipe_load import load_recipe
 
 STATUS_TEXT = {"cached": "[green]cached[/]", "run": "[yellow]will run[/]", "forced": "[yellow]will run (forced)[/]",
                "skipped": "[dim]after --until[/]"}
 
 
 def build(args) -> int:
-    try:
-        recipe = load_recipe(args.recipe, args.overrides, allow_pickle=args.allow_pickle)
-        plan = make_plan(recipe, until=args.until, start=args.start, force=tuple(args.force))
-    except RecipeError as exc:
-        console.print(f"[bold red]error:[/] {args.recipe}: {len(exc.problems)} problem(s) in the recipe")
-        for problem in exc.problems:
-            console.print(f"  {problem}", markup=False)
-        return 2
-    except PlanError as exc:
-        for line in str(exc).splitlines():
-            console.print(f"[bold red]error:[/] {line}", markup=True)
-        return 2
+    """RecipeError, PlanError and every other UserError go up to `edgezh.cli.main` (printed there, exit 2)."""
+    recipe = load_recipe(args.recipe, args.overrides, allow_pickle=args.allow_pickle)
+    plan = make_plan(recipe, until=args.until, start=args.start, force=tuple(args.force))
     if args.dry_run:
         print_plan(plan)
         return 0
+    verbose = bool(getattr(args, "verbose", False))
     with build_lock(plan.root):
-        handler = _log_to(plan.root / "build.log")
+        log_path = plan.root / "build.log"
+        console.print(f"[bold]{plan.recipe.name}[/] → {plan.root}/  [dim](library output: {log_path}"
+                      f"{'' if verbose else '; -v shows it live'})[/]")
         try:
-            run_plan(plan, on_step=_report)
-        except UserError:
-            _drop_partial(plan)
-            raise
+            with quiet.build_output(log_path, verbose=verbose):
+                try:
+                    run_plan(plan, on_step=_report)
+                finally:
+                    progress.end_stage()
         except Exception:
-            logging.getLogger("edgezh").exception("build failed")
             _drop_partial(plan)
             raise
-        finally:
-            logging.getLogger("edgezh").removeHandler(handler)
-            handler.close()
     _print_outputs(plan, args.recipe)
     return 0
 
@@ -60,23 +48,25 @@ def _drop_partial(plan: Plan) -> None:
             shutil.rmtree(tmp)
 
 
-def _log_to(path: Path) -> logging.Handler:
-    handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logger = logging.getLogger("edgezh")
-    logger.setLevel(logging.INFO)
-    logger.addHandler(handler)
-    return handler
-
-
 def _report(step, phase: str) -> None:
     if phase == "cached":
         console.print(f"[green]✓[/] {step.name:<10} cached  {step.folder}")
     elif phase == "start":
-        console.rule(f"[bold]{step.folder.name}[/]: {step.spec.summary}", align="left")
+        progress.begin_stage(f"[bold]{step.folder.name}[/]: {step.spec.summary}")
     else:
+        progress.end_stage()
         m = step.manifest or {}
-        console.print(f"[green]✓[/] {step.name:<10} built in {m.get('wall_s', 0):.1f}s, peak RSS {m.get('peak_rss_mb', 0):.0f} MB  {step.folder}")
+        console.print(f"[green]✓[/] {step.name:<10} built in {m.get('wall_s', 0):.1f}s, peak RSS "
+                      f"{m.get('peak_rss_mb', 0):.0f} MB  {step.folder}{_facts(m.get('info') or {})}")
+
+
+def _facts(info: dict) -> str:
+    """What a training stage's line adds: its steps and how the loss went."""
+    first, final, steps = info.get("first_loss"), info.get("final_loss"), info.get("steps")
+    if not isinstance(steps, int) or not isinstance(final, (int, float)):
+        return ""
+    loss = f"loss {first:.3f} → {final:.3f}" if isinstance(first, (int, float)) else f"loss {final:.3f}"
+    return f"  [dim]({steps} steps, {loss})[/]"
 
 
 def print_plan(plan: Plan) -> None:

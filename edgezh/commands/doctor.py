@@ -13,7 +13,7 @@ import psutil
 from rich.markup import escape
 from rich.table import Table
 
-from edgezh import __version__
+from edgezh import __version__, quiet
 from edgezh.progress import out
 
 # package → (stages or features it enables, how to get it)
@@ -90,7 +90,16 @@ class _Rows(Table):
         super().add_row(*cells[:-1], escape(cells[-1]))
 
 
-def doctor() -> int:
+def doctor(verbose: bool = False) -> int:
+    """The table of checks. What the libraries print or log while they are imported (DeepSpeed's "Setting
+    accelerator to CPU" warning, …) stays off the console unless `verbose`."""
+    with quiet.captured(verbose=verbose):
+        table = _table()
+    out.print(table)
+    return 0
+
+
+def _table() -> Table:
     table = _Rows(title=f"edgezh {__version__} doctor — Python {platform.python_version()} on {platform.machine()}")
     for column in ("check", "status", "detail"):
         table.add_column(column, overflow="fold")
@@ -114,5 +123,4 @@ def doctor() -> int:
         path = shutil.which(tool)
         table.add_row(tool, "[green]ok[/]" if path else "[dim]absent[/]", path or f"optional: {why}")
     table.add_row("python", "[green]ok[/]" if sys.version_info >= (3, 11) else "[red]old[/]", sys.executable)
-    out.print(table)
-    return 0
+    return table

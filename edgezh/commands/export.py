@@ -6,7 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
-from edgezh import templates
+from edgezh import layout, templates
 from edgezh.artifacts import canonical_hash, commit, fresh_tmp, hash_outputs, read_manifest
 from edgezh.errors import UserError
 from edgezh.progress import out, status
@@ -50,7 +50,7 @@ def _gguf_template(path: Path, given: str | None) -> str:
 
 def merge_cmd(args) -> int:
     from edgezh.export.merge import merge
-    from edgezh.models.base_stage import fingerprint_folder
+    from edgezh.layout import fingerprint_folder
 
     base, adapter, dest = _existing(args.base, "base model folder"), _existing(args.adapter, "adapter folder"), Path(args.output)
     adapter_files, _ = hash_outputs(adapter)
@@ -90,18 +90,45 @@ def convert_cmd(args) -> int:
     return 0
 
 
+def _tensor_rules(values: list[str]) -> list[tuple[str, str]]:
+    import re
+
+    rules = []
+    for value in values:
+        pattern, sep, kind = value.rpartition("=")
+        if not sep or not pattern or not kind:
+            raise UserError(f"--tensor-type {value}: write REGEX=TYPE, e.g. ffn_down=q6_k")
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise UserError(f"--tensor-type {value}: {pattern!r} is not a regular expression ({exc})") from None
+        rules.append((pattern, kind.lower()))
+    return rules
+
+
 def quantize_cmd(args) -> int:
-    from edgezh.export.quantize import quantize
+    from edgezh.export.quantize import dry_run_size, quantize
 
     source = _existing(args.gguf, "GGUF file")
     folder = Path(args.output_dir) if args.output_dir else source.parent
-    stem = source.name.removesuffix(".gguf")
-    for suffix in ("-f32", "-f16", "-bf16"):
-        stem = stem.removesuffix(suffix)
+    stem = layout.quant_stem(source)
+    settings = {"tensor_types": _tensor_rules(args.tensor_type) or None, "output_type": args.output_type,
+                "token_embedding_type": args.token_embedding_type, "pure": args.pure}
+    matrix = {}
+    if args.imatrix:
+        from edgezh.export.imatrix import quantize_args
+
+        matrix = quantize_args(_existing(args.imatrix, "imatrix file"))
+        matrix["imatrix_meta"]["file"] = Path(args.imatrix).name
     for qtype in args.types:
-        dest = folder / f"{stem}-{qtype}.gguf"
-        with status(f"llama.cpp quantize → {dest}"):
-            facts = quantize(source, dest, qtype)
+        dest = folder / layout.gguf_name(stem, qtype)
+        if args.dry_run:
+            facts = dry_run_size(source, qtype, **matrix, **settings)
+            out.print(f"{dest.name}: would be {facts['bytes'] / 2**20:.1f} MiB, {facts['bits_per_weight']} bits/weight "
+                      f"({', '.join(f'{k} ×{n}' for k, n in facts['tensor_types'].items())})")
+            continue
+        with status(f"llama.cpp quantize → {dest}" + (" with the importance matrix" if matrix else "")):
+            facts = quantize(source, dest, qtype, **matrix, **settings)
         fell = f", {len(facts['fallback'])} tensor(s) fell back: " + ", ".join(
             f"{f['tensor']}→{f['type']}" for f in facts["fallback"][:4]) if facts["fallback"] else ""
         out.print(f"{dest}: {facts['bytes'] / 2**20:.1f} MiB, {facts['bits_per_weight']} bits/weight{fell}")
@@ -114,11 +141,11 @@ def modelfile_cmd(args) -> int:
     source = _existing(args.gguf, "GGUF file")
     template = _gguf_template(source, args.template)
     stem = source.name.removesuffix(".gguf")
-    kind = stem.rsplit("-", 1)[-1] if "-" in stem else "gguf"
+    kind = layout.kind_of(source.name)
     cfg = ModelfileConfig(system=args.system, num_ctx=args.num_ctx)
     dest = source.parent / f"Modelfile.{kind}"
     dest.write_text(render(source.name, template, cfg, title=f"{stem} — written by edgezh"), encoding="utf-8")
-    model = stem.replace(f"-{kind}", f":{kind}") if "-" in stem else stem
+    model = layout.ollama_tag(source.name, kind)
     out.print(f"wrote {dest}")
     for line in commands(source.parent, model, kind):
         out.print(f"  {line}")

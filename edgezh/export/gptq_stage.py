@@ -6,7 +6,7 @@ from pathlib import Path
 
 from edgezh.artifacts import Artifact
 from edgezh.export.gptq import calibration_texts, quantize_gptq, read_conversations
-from edgezh.export.stages import template_of, weights_dir
+from edgezh.layout import template_of, weights_dir
 from edgezh.progress import status
 from edgezh.recipe import GPTQConfig
 

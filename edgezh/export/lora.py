@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from edgezh.errors import UserError
+from edgezh.jsonl import read_json
 from edgezh.models.resolve import check_safetensors
 
 CONFIG_NAME = "adapter_config.json"
@@ -102,12 +103,7 @@ class LoraAdapter:
             hint = (" (only adapter_model.bin, a pickle file: re-save the adapter with safe_serialization=True)"
                     if (folder / "adapter_model.bin").is_file() else "")
             raise UserError(f"{folder}: no {WEIGHTS_NAME}{hint}")
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise UserError(f"{config_path}: not valid JSON ({exc})") from None
-        if not isinstance(config, dict):
-            raise UserError(f"{config_path}: expected a JSON object")
+        config = read_json(config_path)
         peft_type = str(config.get("peft_type", "")).upper()
         if peft_type != "LORA":
             raise UserError(f"{config_path}: peft_type is {config.get('peft_type')!r}; only LoRA adapters can be merged")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -82,16 +83,31 @@ def _plan_shards(entries: list[tuple[str, int]], limit: int) -> list[int]:
     return groups
 
 
-def merge(base_dir: Path, adapter_dir: Path, out: Path, *, dtype: str = "auto", shard_size_mb: int = 2000,
-          trained_4bit: bool | None = None, config_overrides: dict | None = None) -> dict:
-    """Write `base + adapter` as an HF model folder into `out` (a fresh folder); returns facts for the manifest.
+@dataclass
+class MergePlan:
+    """Everything the writing half needs, found by reading headers only: which tensor goes to which output
+    shard in which dtype, and which ones the adapter changes."""
 
-    `trained_4bit`: the adapter was trained over a 4-bit (QLoRA) copy of this base; None reads it from
-    a training manifest beside the adapter (`method: qlora`), since adapter_config does not record it.
-    `config_overrides`: the context extension the adapter was trained with (rope_theta,
-    max_position_embeddings), written into the merged config.
-    """
-    base_dir, adapter_dir, out = Path(base_dir), Path(adapter_dir), Path(out)
+    base_dir: Path
+    adapter_dir: Path
+    adapter: LoraAdapter
+    config: dict
+    dtype: str
+    flat: list[tuple[Path, int, str, dict]]  # (shard, data start, tensor name, header entry), in file order
+    groups: list[int]  # output shard number of each flat entry
+    names: list[str]  # output shard file names
+    plans: list[list[tuple[str, torch.dtype, tuple]]]  # per output shard: (name, dtype, shape)
+    nbytes: list[int]  # output bytes of each flat entry
+
+    def out_dtype(self, code: str) -> torch.dtype | None:
+        if code not in FLOAT_CODES:
+            return None  # integer tensors are kept as they are
+        return FLOAT_CODES[code] if self.dtype == "auto" else DTYPES[self.dtype]
+
+
+def plan_merge(base_dir: Path, adapter_dir: Path, *, dtype: str = "auto", shard_size_mb: int = 2000) -> MergePlan:
+    """Validate the base and the adapter and plan the output shards, reading only headers."""
+    base_dir, adapter_dir = Path(base_dir), Path(adapter_dir)
     if dtype != "auto" and dtype not in DTYPES:
         raise UserError(f"merge dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
     if shard_size_mb <= 0:
@@ -102,12 +118,9 @@ def merge(base_dir: Path, adapter_dir: Path, out: Path, *, dtype: str = "auto", 
         raise UserError(f"{base_dir}: the base is already quantized ({method}); merge the adapter into the original "
                         "16-bit checkpoint it was trained from")
     adapter = LoraAdapter.load(adapter_dir)
-
-    # ---- read every header first: validate, check the adapter fits, plan the output shards
-    shards = base_shards(base_dir)
     layout: list[tuple[Path, int, list[tuple[str, dict]]]] = []
     owner: dict[str, Path] = {}
-    for shard in shards:
+    for shard in base_shards(base_dir):
         header = check_safetensors(shard)
         unknown = sorted({info["dtype"] for info in header.values()} - set(CODES))
         if unknown:
@@ -126,28 +139,61 @@ def merge(base_dir: Path, adapter_dir: Path, out: Path, *, dtype: str = "auto", 
     adapter.check_covers(set(base_shapes))
     adapter.check_shapes(base_shapes)
 
-    def out_dtype(code: str) -> torch.dtype | None:
-        if code not in FLOAT_CODES:
-            return None  # integer tensors are kept as they are
-        return FLOAT_CODES[code] if dtype == "auto" else DTYPES[dtype]
-
-    entries = []
-    for _, _, items in layout:
-        for name, info in items:
-            target = out_dtype(info["dtype"])
-            itemsize = (target or CODES[info["dtype"]]).itemsize
-            numel = 1
-            for dim in info["shape"]:
-                numel *= dim
-            entries.append((name, numel * itemsize))
-    groups = _plan_shards(entries, shard_size_mb * 2**20)
-    n_out = groups[-1] + 1 if groups else 0
+    plan = MergePlan(base_dir, adapter_dir, adapter, config, dtype,
+                     [(shard, start, name, info) for shard, start, items in layout for name, info in items], [], [], [], [])
+    for _, _, name, info in plan.flat:
+        numel = 1
+        for dim in info["shape"]:
+            numel *= dim
+        plan.nbytes.append(numel * (plan.out_dtype(info["dtype"]) or CODES[info["dtype"]]).itemsize)
+    plan.groups = _plan_shards([(entry[2], n) for entry, n in zip(plan.flat, plan.nbytes)], shard_size_mb * 2**20)
+    n_out = plan.groups[-1] + 1 if plan.groups else 0
     if n_out == 0:
         raise UserError(f"{base_dir}: the safetensors files hold no tensors")
-    names = ["model.safetensors"] if n_out == 1 else \
+    plan.names = ["model.safetensors"] if n_out == 1 else \
         [f"model-{i + 1:05d}-of-{n_out:05d}.safetensors" for i in range(n_out)]
+    plan.plans = [[] for _ in range(n_out)]
+    for position, (_, _, name, info) in enumerate(plan.flat):
+        plan.plans[plan.groups[position]].append((name, plan.out_dtype(info["dtype"]) or CODES[info["dtype"]], tuple(info["shape"])))
+    return plan
 
-    # ---- write
+
+def merge(base_dir: Path, adapter_dir: Path, out: Path, *, dtype: str = "auto", shard_size_mb: int = 2000,
+          trained_4bit: bool | None = None, config_overrides: dict | None = None) -> dict:
+    """Write `base + adapter` as an HF model folder into `out` (a fresh folder); returns facts for the manifest.
+
+    `trained_4bit`: the adapter was trained over a 4-bit (QLoRA) copy of this base; None reads it from
+    a training manifest beside the adapter (`method: qlora`), since adapter_config does not record it.
+    `config_overrides`: the context extension the adapter was trained with (rope_theta,
+    max_position_embeddings), written into the merged config.
+    """
+    plan = plan_merge(base_dir, adapter_dir, dtype=dtype, shard_size_mb=shard_size_mb)
+    changed, written_dtypes = write_merge(plan, Path(out), config_overrides or {})
+    if trained_4bit is None:
+        trained_4bit = _trained_4bit_recorded(plan.adapter_dir)
+    note = None
+    if trained_4bit:
+        note = (f"the adapter was trained over a 4-bit (QLoRA) copy of the base; it was merged into the original "
+                f"16-bit weights in {plan.base_dir}, not into a dequantized 4-bit model, so the merged model can differ "
+                "slightly from the one evaluated during training")
+    return {
+        "tensors_changed": changed,
+        "modules_to_save": list(plan.adapter.modules_to_save),
+        "base": str(plan.base_dir),
+        "adapter": str(plan.adapter_dir),
+        "dtype": dtype if dtype != "auto" else (written_dtypes.pop() if len(written_dtypes) == 1
+                                                else "mixed: " + ", ".join(sorted(written_dtypes))),
+        "shards": len(plan.names),
+        "qlora_note": note,
+        "config_overrides": dict(config_overrides or {}),
+    }
+
+
+def write_merge(plan: MergePlan, out: Path, config_overrides: dict) -> tuple[int, set[str]]:
+    """Write the planned output shards tensor by tensor, then the config and tokenizer files; on any failure
+    remove what was written. Returns (tensors changed, float dtypes written)."""
+    from edgezh.progress import track
+
     created = not out.exists()
     written: list[Path] = []
     try:
@@ -158,27 +204,23 @@ def merge(base_dir: Path, adapter_dir: Path, out: Path, *, dtype: str = "auto", 
     except OSError as exc:
         raise UserError(f"{out}: cannot write the merged model there ({exc.strerror or exc})") from None
 
-    from edgezh.progress import track
-
+    adapter, names, config = plan.adapter, plan.names, dict(plan.config)
     changed, written_dtypes, weight_map, total_size = 0, set(), {}, 0
     targets = adapter.targets()
-    flat = [(shard, data_start, name, info) for shard, data_start, items in layout for name, info in items]
-    plans: list[list[tuple[str, torch.dtype, tuple]]] = [[] for _ in range(n_out)]
-    for position, (_, _, name, info) in enumerate(flat):
-        plans[groups[position]].append((name, out_dtype(info["dtype"]) or CODES[info["dtype"]], tuple(info["shape"])))
     writer: SafetensorsWriter | None = None
     handles: dict[Path, object] = {}
     try:
-        for position, (shard, data_start, name, info) in enumerate(track(flat, f"merging {adapter_dir.name} into {base_dir.name}")):
-            group = groups[position]
+        for position, (shard, data_start, name, info) in enumerate(
+                track(plan.flat, f"merging {plan.adapter_dir.name} into {plan.base_dir.name}")):
+            group = plan.groups[position]
             if writer is None or writer.path != out / names[group]:
                 if writer is not None:
                     writer.close()
                 written.append(out / names[group])
-                writer = SafetensorsWriter(out / names[group], plans[group])
+                writer = SafetensorsWriter(out / names[group], plan.plans[group])
             if shard not in handles:
                 handles[shard] = open(shard, "rb", buffering=0)
-            target = out_dtype(info["dtype"])
+            target = plan.out_dtype(info["dtype"])
             if target is not None:
                 written_dtypes.add(str(target).removeprefix("torch."))
             writer.begin(name)
@@ -192,25 +234,25 @@ def merge(base_dir: Path, adapter_dir: Path, out: Path, *, dtype: str = "auto", 
                 for chunk in row_chunks(handles[shard], data_start, info, where):
                     writer.write(chunk.to(target) if target is not None else chunk)
             weight_map[name] = names[group]
-            total_size += entries[position][1]
+            total_size += plan.nbytes[position]
         if writer is not None:
             writer.close()
         adapter.close()
-        if n_out > 1:
+        if len(names) > 1:
             index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
             written.append(out / INDEX_NAME)
             (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        config.update(context_changes(config, config_overrides or {}))
-        if dtype != "auto":
-            config["dtype"] = dtype
+        config.update(context_changes(config, config_overrides))
+        if plan.dtype != "auto":
+            config["dtype"] = plan.dtype
             if "torch_dtype" in config:
-                config["torch_dtype"] = dtype
+                config["torch_dtype"] = plan.dtype
         written.append(out / "config.json")
         (out / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         for name in COPIED:
-            if (base_dir / name).is_file():
+            if (plan.base_dir / name).is_file():
                 written.append(out / name)
-                shutil.copyfile(base_dir / name, out / name)
+                shutil.copyfile(plan.base_dir / name, out / name)
     except BaseException as exc:
         adapter.close()
         if writer is not None:
@@ -225,22 +267,4 @@ def merge(base_dir: Path, adapter_dir: Path, out: Path, *, dtype: str = "auto", 
     finally:
         for handle in handles.values():
             handle.close()
-
-    if trained_4bit is None:
-        trained_4bit = _trained_4bit_recorded(adapter_dir)
-    note = None
-    if trained_4bit:
-        note = (f"the adapter was trained over a 4-bit (QLoRA) copy of the base; it was merged into the original "
-                f"16-bit weights in {base_dir}, not into a dequantized 4-bit model, so the merged model can differ "
-                "slightly from the one evaluated during training")
-    return {
-        "tensors_changed": changed,
-        "modules_to_save": list(adapter.modules_to_save),
-        "base": str(base_dir),
-        "adapter": str(adapter_dir),
-        "dtype": dtype if dtype != "auto" else (written_dtypes.pop() if len(written_dtypes) == 1
-                                                else "mixed: " + ", ".join(sorted(written_dtypes))),
-        "shards": n_out,
-        "qlora_note": note,
-        "config_overrides": dict(config_overrides or {}),
-    }
+    return changed, written_dtypes

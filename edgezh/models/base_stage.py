@@ -14,6 +14,7 @@ from pathlib import Path
 from edgezh import templates
 from edgezh.artifacts import Artifact
 from edgezh.errors import UserError
+from edgezh.layout import fingerprint_folder
 from edgezh.models import resolve
 from edgezh.progress import status
 from edgezh.recipe import BaseConfig
@@ -22,19 +23,9 @@ VERSION = "2"  # 2: GGUF imports keep the pre-tokenizer the GGUF declares
 log = logging.getLogger("edgezh.base")
 
 
-def model_dir(artifact: Artifact) -> Path:
-    """Where the base model's HF files are: the artifact itself, or the referenced folder."""
-    return Path(artifact.info["model_path"]) if artifact.info.get("model_path") else artifact.path
-
-
 def fingerprint(cfg: BaseConfig) -> dict:
     """Identity of the outside files the stage reads, so edits invalidate the cache."""
     return fingerprint_folder(resolve.local_source(cfg.path)) if cfg.path is not None else {}
-
-
-def fingerprint_folder(source: Path) -> dict:
-    files = [source] if source.is_file() else sorted(p for p in source.iterdir() if p.is_file())
-    return {"path": str(source), "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
 
 
 def run(cfg: BaseConfig, inputs: dict[str, Artifact], out: Path) -> dict:
@@ -113,7 +104,7 @@ def _restore_pre_tokenizer(tokenizer, path: Path) -> None:
     so the imported tokenizer splits text as the original model does."""
     from tokenizers import Tokenizer
 
-    from edgezh.export.gguf_writer import PRE_TOKENIZERS
+    from edgezh.gguf_meta import PRE_TOKENIZERS
     from edgezh.gguf_meta import read_metadata
 
     declared = read_metadata(path, ["tokenizer.ggml.pre"]).get("tokenizer.ggml.pre")

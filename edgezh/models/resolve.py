@@ -8,6 +8,7 @@ import struct
 from pathlib import Path
 
 from edgezh.errors import UserError
+from edgezh.jsonl import read_json
 from edgezh.paths import cache_dir, resolve_path
 
 LLAMA_ARCHITECTURES = ("LlamaForCausalLM",)
@@ -23,10 +24,7 @@ def read_config(folder: Path) -> dict:
     path = folder / "config.json"
     if not path.is_file():
         raise UserError(f"{folder}: no config.json — not a Hugging Face model folder")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: not valid JSON ({exc})") from None
+    config = read_json(path)
     archs = config.get("architectures") or []
     if not any(a in LLAMA_ARCHITECTURES for a in archs):
         raise UserError(f"{path}: architecture {archs or config.get('model_type')} is not supported; "

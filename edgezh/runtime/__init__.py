@@ -9,5 +9,6 @@
   parsing of Llama 3.1 JSON calls and ReAct steps.
 - `chat`: a conversation (history JSONL, resume) and the tool loop with confirmation.
 - `server`: the OpenAI-compatible API (FastAPI) over the same engine.
-- `cli_args`: the `chat` and `serve` sub-commands.
+
+The `chat` and `serve` sub-commands (their arguments) are `edgezh.commands.chat`.
 """

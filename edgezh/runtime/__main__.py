@@ -1,7 +1,7 @@
-"""`python -m edgezh.runtime chat|serve …`."""
+"""`python -m edgezh.runtime chat|serve …` (the argument handling lives in `edgezh.commands.chat`)."""
 
 import sys
 
-from edgezh.runtime.cli_args import main
+from edgezh.commands.chat import main
 
 sys.exit(main())

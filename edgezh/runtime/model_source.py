@@ -9,12 +9,13 @@ prompt and the sampling defaults the build recorded for Ollama.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgezh import layout
 from edgezh.errors import UserError
+from edgezh.jsonl import read_json
 
 DEFAULT_QUANT = "q4_k_m"
 
@@ -36,18 +37,6 @@ class ModelSource:
     """The GGUF's type in the build (q4_k_m, q8_0, f16, …)."""
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path}: missing") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path}: cannot read it ({exc})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: not a JSON object")
-    return data
-
-
 def resolve(model: str | Path, quant: str | None = None) -> ModelSource:
     """A GGUF file as is, or the GGUF a build folder exported (`quant`, default q4_k_m)."""
     path = Path(model).expanduser()
@@ -65,25 +54,22 @@ def from_build(build: Path, quant: str | None = None) -> ModelSource:
     if not manifest_path.is_file():
         raise UserError(f"{build}: a folder but not an edgezh build (no manifest.json); pass a .gguf file "
                         "or a builds/<name> folder")
-    manifest = _read_json(manifest_path)
+    manifest = read_json(manifest_path)
     stages = manifest.get("stages") or {}
 
     def stage(name: str) -> dict[str, Any] | None:
         entry = stages.get(name)
         if not entry or not entry.get("folder"):
             return None
-        return _read_json(build / entry["folder"] / "manifest.json") | {"_folder": build / entry["folder"]}
+        return read_json(build / entry["folder"] / "manifest.json") | {"_folder": build / entry["folder"]}
 
     files: dict[str, Path] = {}
-    gguf = stage("gguf")
-    if gguf is not None:
-        info = gguf.get("info", {})
-        if info.get("file"):
-            files[info.get("outtype", "gguf")] = gguf["_folder"] / info["file"]
-    quantize = stage("quantize")
-    if quantize is not None:
-        for kind, entry in (quantize.get("info", {}).get("quants") or {}).items():
-            files[kind] = quantize["_folder"] / entry["file"]
+    for name in ("gguf", "quantize"):
+        manifest = stage(name)
+        if manifest is not None:
+            info = manifest.get("info", {})
+            found = layout.gguf_files(info, None) if name == "gguf" else layout.quant_files(info)
+            files.update({kind: manifest["_folder"] / file for kind, file in found.items()})
     if not files:
         raise UserError(f"{build}: this build has no GGUF yet; add export.gguf to the recipe and run edgezh build")
     if quant is None:

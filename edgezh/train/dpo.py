@@ -30,8 +30,7 @@ from trl import DPOTrainer
 from edgezh import templates
 from edgezh.train import data as train_data
 from edgezh.train import model as train_model
-from edgezh.train import session
-from edgezh.train.precision import job_precision
+from edgezh.train import run, session
 from edgezh.train.logs import DPO_PLOTS
 
 
@@ -62,48 +61,33 @@ def check_bos(dataset, tokenizer, template: str, where: str) -> None:
                                f"(expected exactly one, at the start, for {template})")
 
 
-def build_trainer(job, precision=None):
+def build_trainer(job, precision=None, cfg=None):
     """The model, the pairs and the trainer of a DPO job (nothing has run the model yet)."""
-    cfg = job.section()
-    precision = job_precision(job, cfg, precision)
-    data_dir = Path(job.data_dir)
-    has_eval = train_data.has_rows(data_dir / "pairs_eval.jsonl")
-    zero3 = session.zero_stage(job.deepspeed) == 3
-    args = session.training_arguments(TRLDPOConfig, cfg, job, precision, has_eval=has_eval,
+    built = run.setup(job, "pairs_eval.jsonl", cfg, precision)
+    cfg = built.cfg
+    args = session.training_arguments(TRLDPOConfig, cfg, job, built.precision, has_eval=built.has_eval,
                                       beta=cfg.beta, loss_type=[cfg.loss_type],
                                       precompute_ref_log_probs=cfg.method == "full")
-    train_set = train_data.load_pairs(data_dir / "pairs_train.jsonl")
-    eval_set = train_data.load_pairs(data_dir / "pairs_eval.jsonl") if has_eval else None
-    tokenizer, model, peft_config = train_model.job_model(job, cfg, precision, args.device)
+    train_set = train_data.load_pairs(built.data_dir / "pairs_train.jsonl")
+    eval_set = train_data.load_pairs(built.data_dir / "pairs_eval.jsonl") if built.has_eval else None
+    tokenizer, model, peft_config = train_model.job_model(job, cfg, built.precision, args.device)
     trainer = CountingDPOTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                                  processing_class=tokenizer, peft_config=peft_config, token_counter=session.TokenCounter())
-    if cfg.method != "full" and not zero3:
-        # As in SFT: trained tensors in fp32 (TRL casts QLoRA adapters to bf16; 16-bit bases give 16-bit copies).
-        train_model.trainable_in_fp32(trainer.model)
+    run.trained_in_fp32(trainer, built)
     check_bos(trainer.train_dataset, tokenizer, job.template, "pairs_train.jsonl")
-    return trainer, {"precision": precision, "cfg": cfg, "pairs": len(train_set)}
+    return trainer, {"built": built, "precision": built.precision, "cfg": cfg, "pairs": len(train_set)}
 
 
-def train(job, precision=None) -> dict:
-    trainer, built = build_trainer(job, precision)
-    cfg, precision = built["cfg"], built["precision"]
-    if cfg.method == "qlora":
-        train_model.assert_not_repacked(trainer.model)
-    trainable = train_model.parameter_counts(trainer.model)
-    resume = session.train_with_resume(trainer, job, trainer.token_counter)
-    if trainer.eval_dataset is not None:
-        trainer.evaluate()
-    out = Path(job.out)
-    saved = session.save_final(trainer, out, cfg.method, job.model_dir)
-    plots = session.write_log(trainer, job, out, DPO_PLOTS, "DPO")
-    facts = session.summary(trainer, job, trainer.token_counter, precision, resume, trainable)
+def train(job, precision=None, cfg=None) -> dict:
+    trainer, extra = build_trainer(job, precision, cfg)
+    cfg = extra["built"].cfg
+    facts = run.run_trainer(trainer, job, extra["built"], DPO_PLOTS, "DPO")
     history = trainer.state.log_history
     facts.update({
-        "beta": cfg.beta, "loss_type": cfg.loss_type, "pairs": built["pairs"], "plots": plots, "output": saved,
+        "beta": cfg.beta, "loss_type": cfg.loss_type, "pairs": extra["pairs"],
         "continued_adapter": job.start_adapter is not None,
         "reward_accuracy": session.last_value(history, "rewards/accuracies"),
         "reward_margin": session.last_value(history, "rewards/margins"),
         "eval_reward_accuracy": session.last_value(history, "eval_rewards/accuracies"),
     })
     return facts
-

@@ -41,7 +41,7 @@ class TrainJob:
     """Checkpoints and caches that survive a killed run (`edgezh.artifacts.scratch_dir`)."""
     start_adapter: str | None = None
     """A LoRA adapter folder to continue (DPO after SFT: the SFT artifact's `adapter/`)."""
-    model_overrides: dict[str, Any] = field(default_factory=dict)
+    config_overrides: dict[str, Any] = field(default_factory=dict)
     """Config overrides applied when loading the model (`rope_theta`, `max_position_embeddings`)."""
     deepspeed: dict | None = None
     """A DeepSpeed config passed to TrainingArguments(deepspeed=...), or None."""
@@ -81,21 +81,17 @@ class TrainJob:
 def run_job(job: TrainJob) -> dict:
     """Run the job in this process; returns the facts for the manifest's `info`. Settings this machine
     cannot honour are refused before any model library is imported."""
-    from edgezh.errors import UserError
     from edgezh.train.precision import job_precision
 
-    cfg = job.section()
+    cfg = job.section()  # typed once here; the trainer gets it as it is
     precision = job_precision(job, cfg)
-    if job.kind == "dpo" and cfg.loss_type == "orpo":
-        raise UserError("dpo.loss_type: orpo is not a DPOTrainer loss in TRL 1.16 (ORPO is an experimental, "
-                        "reference-free trainer there); use sigmoid or ipo")
     if job.kind == "sft":
         from edgezh.train import sft
 
-        return sft.train(job, precision)
+        return sft.train(job, precision, cfg)
     from edgezh.train import dpo
 
-    return dpo.train(job, precision)
+    return dpo.train(job, precision, cfg)
 
 
 def main(argv: list[str] | None = None) -> int:

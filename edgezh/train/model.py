@@ -43,12 +43,12 @@ def config_overrides_of(cfg: Any) -> dict:
             if getattr(cfg, key, None) is not None}
 
 
-def load_config(model_dir: str | Path, overrides: dict):
+def load_config(model_dir: str | Path, config_overrides: dict):
     """The model config with the context-extension overrides applied."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_dir)
-    for key, value in context_changes(config.to_dict(), overrides).items():
+    for key, value in context_changes(config.to_dict(), config_overrides).items():
         setattr(config, key, value)
     config.use_cache = False
     return config
@@ -73,12 +73,12 @@ def lora_config(spec: LoraSpec):
 
 
 def load_base(model_dir: str | Path, method: str, precision: Precision, device, *, quant: QuantSpec | None = None,
-              overrides: dict | None = None):
+              config_overrides: dict | None = None):
     """The base model for `method`, on `device` (a 4-bit model is placed at load time)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    config = load_config(model_dir, overrides or {})
+    config = load_config(model_dir, config_overrides or {})
     kwargs: dict[str, Any] = {"config": config, "attn_implementation": "sdpa"}
     if method == "qlora":
         try:
@@ -168,7 +168,7 @@ def parameter_counts(model) -> tuple[int, int]:
 def job_model(job, cfg, precision, device):
     """(tokenizer, model with its adapter attached, peft config) of a training job; nothing has run the model."""
     tokenizer = load_tokenizer(job.model_dir, job.template, job.pad_token_id)
-    model = load_base(job.model_dir, cfg.method, precision, device, quant=cfg.qlora, overrides=job.model_overrides)
+    model = load_base(job.model_dir, cfg.method, precision, device, quant=cfg.qlora, config_overrides=job.config_overrides)
     model, peft_config = attach_adapter(model, cfg.method, cfg.lora, start_adapter=job.start_adapter,
                                         gradient_checkpointing=cfg.gradient_checkpointing)
     return tokenizer, model, peft_config

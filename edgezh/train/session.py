@@ -52,6 +52,7 @@ def training_arguments(config_cls, cfg, job, precision, *, has_eval: bool, **ext
         eval_strategy="steps" if has_eval and eval_steps else "no",
         eval_steps=eval_steps if has_eval else None,
         report_to="none",
+        disable_tqdm=True,  # edgezh's own bar (TrainingBar) shows steps, rate, ETA and loss
         dataloader_num_workers=0,
         max_length=job.max_length,
         deepspeed=job.deepspeed,
@@ -88,6 +89,43 @@ def resume_point(folder: Path, main_process: bool) -> Path | None:
             if match and path.is_dir() and int(match.group(1)) > last_step:
                 shutil.rmtree(path, ignore_errors=True)
     return last
+
+
+class TrainingBar(TrainerCallback):
+    """edgezh's progress bar for a training run (main process only): steps, rate, ETA and the last loss.
+    In the build it sits on the stage's live line; in a launched process it reaches the build as
+    progress lines (`edgezh.progress.REMOTE_ENV`)."""
+
+    def __init__(self, description: str):
+        self.description = description
+        self.bar = None
+        self.loss: str = ""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            from edgezh import progress
+
+            self.bar = progress.bar(self.description, state.max_steps or None, unit="step",
+                                    completed=state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(completed=state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is None or not logs:
+            return
+        parts = [f"loss {logs['loss']:.3f}" if isinstance(logs.get("loss"), (int, float)) else self.loss]
+        if isinstance(logs.get("eval_loss"), (int, float)):
+            parts.append(f"eval {logs['eval_loss']:.3f}")
+        self.loss = parts[0]
+        self.bar.update(info="  ".join(p for p in parts if p))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(completed=state.global_step)
+            self.bar.close()
+            self.bar = None
 
 
 class TokenCounter(TrainerCallback, ExportableState):
@@ -147,6 +185,7 @@ def train_with_resume(trainer, job, counter: TokenCounter) -> dict:
     resumed_from = checkpoint.name if checkpoint else None
     trainer.add_callback(counter)
     trainer.add_callback(JsonlLogger(Path(job.scratch) / LIVE_LOG, resumed_from))
+    trainer.add_callback(TrainingBar(f"{job.kind} training"))
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     step = int(_CHECKPOINT.match(checkpoint.name).group(1)) if checkpoint else 0
     return {"resumed_from_step": step}
@@ -218,6 +257,6 @@ def summary(trainer, job, counter: TokenCounter, precision, resume: dict, traina
         "trainable_params": trainable[0],
         "total_params": trainable[1],
         "max_length": job.max_length,
-        "config_overrides": job.model_overrides,
+        "config_overrides": job.config_overrides,
         **resume,
     }

@@ -22,8 +22,7 @@ from trl import SFTTrainer
 
 from edgezh.train import data as train_data
 from edgezh.train import model as train_model
-from edgezh.train import session
-from edgezh.train.precision import job_precision
+from edgezh.train import run, session
 from edgezh.train.logs import SFT_PLOTS
 
 
@@ -68,52 +67,33 @@ class WeightedSFTTrainer(SFTTrainer):
         return (loss, outputs) if return_outputs else loss
 
 
-def build_trainer(job, precision=None):
+def build_trainer(job, precision=None, cfg=None):
     """The model, the datasets and the trainer of an SFT job (nothing has run the model yet)."""
-    cfg = job.section()
-    precision = job_precision(job, cfg, precision)
-    data_dir = Path(job.data_dir)
-    has_eval = train_data.has_rows(data_dir / "eval.parquet")
-    zero3 = session.zero_stage(job.deepspeed) == 3
-    args = session.training_arguments(TRLSFTConfig, cfg, job, precision, has_eval=has_eval,
+    built = run.setup(job, "eval.parquet", cfg, precision)
+    args = session.training_arguments(TRLSFTConfig, built.cfg, job, built.precision, has_eval=built.has_eval,
                                       remove_unused_columns=False,  # keep loss_scale (and seq_lengths)
                                       dataset_kwargs={"skip_prepare_dataset": True}, packing=False, padding_free=False)
     cache = Path(job.scratch) / "datasets"
     with args.main_process_first(desc="reading the encoded examples"):  # one process writes the dataset caches
-        train_set, counts = train_data.load_sft(data_dir / "train.parquet", cache, job.max_length)
-        eval_set = train_data.load_sft(data_dir / "eval.parquet", cache, job.max_length)[0] if has_eval else None
-        if cfg.packing:
+        train_set, counts = train_data.load_sft(built.data_dir / "train.parquet", cache, job.max_length)
+        eval_set = train_data.load_sft(built.data_dir / "eval.parquet", cache, job.max_length)[0] if built.has_eval else None
+        if built.cfg.packing:
             train_set = train_data.pack(train_set, job.max_length)
             eval_set = train_data.pack(eval_set, job.max_length) if eval_set is not None else None
-    tokenizer, model, peft_config = train_model.job_model(job, cfg, precision, args.device)
+    tokenizer, model, peft_config = train_model.job_model(job, built.cfg, built.precision, args.device)
     trainer = WeightedSFTTrainer(
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, processing_class=tokenizer,
         peft_config=peft_config,
-        data_collator=train_data.SFTCollator(job.pad_token_id, padding_free=cfg.packing),
+        data_collator=train_data.SFTCollator(job.pad_token_id, padding_free=built.cfg.packing),
         token_counter=session.TokenCounter(),
     )
-    if cfg.method != "full" and not zero3:
-        # TRL casts QLoRA adapters to bf16 (trl/trainer/sft_trainer.py, "When using QLoRA ...") and a 16-bit base
-        # gives 16-bit modules_to_save copies; updates at small learning rates vanish in bf16 and fp16 trainable
-        # tensors break the fp16 gradient scaler, so the trained tensors become fp32 before the optimizer exists.
-        # (Under ZeRO-3 they keep the base's dtype: DeepSpeed gathers parameters in one dtype.)
-        train_model.trainable_in_fp32(trainer.model)
-    return trainer, {"precision": precision, "counts": counts, "cfg": cfg}
+    run.trained_in_fp32(trainer, built)
+    return trainer, {"built": built, "precision": built.precision, "cfg": built.cfg, "counts": counts}
 
 
-def train(job, precision=None) -> dict:
-    trainer, built = build_trainer(job, precision)
-    cfg, precision = built["cfg"], built["precision"]
-    if cfg.method == "qlora":
-        train_model.assert_not_repacked(trainer.model)  # no forward may have run on the 4-bit model yet
-    trainable = train_model.parameter_counts(trainer.model)
-    resume = session.train_with_resume(trainer, job, trainer.token_counter)
-    if trainer.eval_dataset is not None:
-        trainer.evaluate()  # after training: the eval loss in the log (and never a forward before training)
-    out = Path(job.out)
-    saved = session.save_final(trainer, out, cfg.method, job.model_dir)
-    plots = session.write_log(trainer, job, out, SFT_PLOTS, "SFT")
-    facts = session.summary(trainer, job, trainer.token_counter, precision, resume, trainable)
-    facts.update({"packing": cfg.packing, "examples": built["counts"], "plots": plots, "output": saved})
+def train(job, precision=None, cfg=None) -> dict:
+    trainer, extra = build_trainer(job, precision, cfg)
+    built = extra["built"]
+    facts = run.run_trainer(trainer, job, built, SFT_PLOTS, "SFT")
+    facts.update({"packing": built.cfg.packing, "examples": extra["counts"]})
     return facts
-

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from edgezh.artifacts import Artifact, scratch_dir
 from edgezh.errors import UserError
-from edgezh.models.base_stage import model_dir
+from edgezh.layout import model_dir
 from edgezh.recipe import SFTConfig, TrainCommon
 from edgezh.train.job import TrainJob, run_job
 
@@ -49,7 +49,7 @@ def make_job(cfg: SFTConfig, inputs: dict[str, Artifact], out: Path) -> TrainJob
     return TrainJob(kind="sft", config=cfg.model_dump(mode="json"), model_dir=str(model_dir(inputs["base"])),
                     data_dir=str(inputs["data"].path), template=template, pad_token_id=pad_token_id,
                     max_length=cfg.max_length or data_max, out=str(out), scratch=str(scratch_dir(out, cfg, inputs)),
-                    model_overrides=config_overrides_of(cfg))
+                    config_overrides=config_overrides_of(cfg))
 
 
 def run(cfg: SFTConfig, inputs: dict[str, Artifact], out: Path) -> dict:

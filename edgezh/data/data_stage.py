@@ -35,7 +35,7 @@ from edgezh.data.encode import Encoded, Encoder
 from edgezh.data.problems import Problems
 from edgezh.data.stats import length_histogram, summary, write_json
 from edgezh.errors import UserError
-from edgezh.models.base_stage import model_dir
+from edgezh.layout import model_dir
 from edgezh.progress import status
 from edgezh.recipe import DataConfig
 

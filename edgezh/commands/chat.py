@@ -1,15 +1,10 @@
-"""The `chat` and `serve` sub-commands: argparse declarations and what they run.
+"""`edgezh chat` and `edgezh serve`: their argparse declarations and what they run.
 
-Wired into `edgezh.cli` as:
-
-    from edgezh.runtime.cli_args import add_chat_parser, add_serve_parser
-    add_chat_parser(sub); add_serve_parser(sub)
-    ...
-    if args.command == "chat": return run_chat(args)
-    if args.command == "serve": return run_serve(args)
-
-Both raise `UserError` for anything the user can fix (the CLI prints it as one line, exit 2).
-`python -m edgezh.runtime chat|serve …` runs them without the rest of the CLI.
+`edgezh.cli` declares them with `add_chat_parser(sub)` / `add_serve_parser(sub)` and dispatches to
+`run_chat(args)` / `run_serve(args)`. Both raise `UserError` for anything the user can fix (the CLI
+prints it as one line, exit 2). `python -m edgezh.runtime chat|serve …` runs them without the rest of
+the CLI (`main`). The runtime (engine, server, chat session) and the TUI are imported only when a
+command runs, never by the runtime for its arguments.
 """
 
 from __future__ import annotations
