@@ -360,3 +360,31 @@ def test_lora_adapter_variant_is_the_base_plus_the_adapter(tiny_llama3, tiny_tok
         got = sft.log_probs(ids)
         assert (got - expected).abs().max() < 1e-4
         assert (plain.log_probs(ids) - got).abs().max() > 1e-3  # the adapter does change the model
+
+
+# --- GGUFs without an HF folder (`edgezh eval`) -------------------------------------------------------------
+
+
+def test_a_gguf_vocabulary_tokenizes_as_the_base_tokenizer(ggufs, tiny_tok, chinese_text) -> None:
+    from edgezh.eval.tokens import GGUFTokenizer
+
+    tok = GGUFTokenizer(ggufs["tiny-f16"])
+    try:
+        assert tok.template == "llama3" and len(tok) == len(tiny_tok) == 128256
+        assert (tok.bos_id, tok.stop_ids) == (tiny_tok.bos_id, tiny_tok.stop_ids)
+        text = chinese_text + " Hello, world 123 <|eot_id|>"
+        assert tok.encode(text) == tiny_tok.encode(text)
+        conversation = [{"role": "system", "content": "你是助手。"}, {"role": "user", "content": "你好，请介绍一下北京。"}]
+        assert tok.chat_prompt(conversation) == tiny_tok.chat_prompt(conversation)
+        ids = tiny_tok.encode(chinese_text[:80])
+        assert tok.decode(ids) == tiny_tok.decode(ids) == chinese_text[:80]
+    finally:
+        tok.close()
+
+
+def test_bits_per_weight_from_the_tensor_table_equals_describe(ggufs) -> None:
+    from edgezh.eval.variants import bits_per_weight
+    from edgezh.export.quantize import describe
+
+    for name in ("tiny-f16", "smol-q4_k_m", "smol-q8_0"):
+        assert bits_per_weight(ggufs[name]) == describe(ggufs[name])["bits_per_weight"], name

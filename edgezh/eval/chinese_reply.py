@@ -81,6 +81,35 @@ def prompts_from_data(data: Artifact, n: int) -> list[list[dict]]:
     return found
 
 
+def prompts_from_file(path: Path, n: int) -> list[list[dict]]:
+    """Up to `n` prompts from a JSON Lines file (`edgezh eval --prompts`), each line one of: a string (the user
+    message), `{"prompt": "..."}`, `{"prompt": [messages]}` (a preference pair's prompt) or `{"messages": [...]}`
+    (the conversation up to its first user message). Every prompt counts, Chinese or not (the file is the user's
+    choice); a line of another shape is a UserError naming `path:line`."""
+    from edgezh.errors import UserError
+    from edgezh.jsonl import numbered_records
+
+    found = []
+    for number, row in numbered_records(path):
+        if isinstance(row, str):
+            turn = [{"role": "user", "content": row}]
+        elif isinstance(row, dict) and isinstance(row.get("prompt"), str):
+            turn = [{"role": "user", "content": row["prompt"]}]
+        elif isinstance(row, dict) and isinstance(row.get("prompt") or row.get("messages"), list):
+            turn = _first_turn(row.get("prompt") or row.get("messages"))
+        else:
+            turn = None
+        if not turn or not turn[-1]["content"].strip():
+            raise UserError(f"{path}:{number}: not a prompt (expected a string, {{\"prompt\": ...}} or "
+                            "{\"messages\": [...]} with a user message)")
+        found.append(turn)
+        if len(found) == n:
+            break
+    if not found:
+        raise UserError(f"{path}: no prompts in it")
+    return found
+
+
 def prompts_from_hsk(sentences: list[dict], n: int, seed: int = 0) -> list[list[dict]]:
     chosen = random.Random(seed).sample(sentences, min(n, len(sentences)))
     return [[{"role": "user", "content": HSK_REQUEST.format(sentence=s["chinese"])}] for s in chosen]

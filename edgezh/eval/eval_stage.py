@@ -3,7 +3,8 @@
 Order of work: tokenize every text once (the base's HF tokenizer); score each full-precision
 variant on its own (perplexity, multiple choice, Chinese replies); then the reference and the
 quantized variants in lockstep, window by window (perplexity, KL divergence, top-1), in groups that
-fit in memory; then the speed of each GGUF.
+fit in memory; then the speed of each GGUF. The passes live in `edgezh.eval.passes`, shared with
+`edgezh eval` (`edgezh.eval.standalone`).
 
 Outputs: `report.md` and `report/` (PNG figures, `results.json`) in the artifact folder, and the
 same copied to the build root (`builds/<name>/report.md`, `builds/<name>/report/`), each written
@@ -23,23 +24,22 @@ import os
 import shutil
 from pathlib import Path
 
-from edgezh import __version__
-from edgezh.artifacts import Artifact
+from edgezh import layout
+from edgezh.artifacts import Artifact, fresh_tmp, swap_in
 from edgezh.errors import UserError
-from edgezh.eval import chinese_reply, corpora, gates, kld, multiple_choice, perplexity, plots, report, speed
+from edgezh.eval import chinese_reply, corpora, gates, kld, multiple_choice, passes, plots, report, speed
 from edgezh.eval.tokens import EvalTokenizer
-from edgezh.eval.variants import Variant, batches, discover
-from edgezh.models.base_stage import fingerprint_folder, model_dir
+from edgezh.eval.variants import Variant, annotate_groups, discover
+from edgezh.layout import fingerprint_folder, model_dir
 from edgezh.paths import PathResolutionError, resolve_path
 from edgezh.progress import status
 from edgezh.recipe import EvalConfig
 
-VERSION = "1"
+VERSION = "3"  # 2: the size-vs-KLD chart replaces the KLD bars; 3: the importance-matrix and fit sections
 log = logging.getLogger("edgezh.eval")
 
 SPEED_PROMPT_TOKENS = 128
 SPEED_GEN_TOKENS = 32
-MEMORY_SHARE = 0.6  # of available RAM for the weights loaded side by side in the KLD pass
 
 
 def fingerprint(cfg: EvalConfig) -> dict:
@@ -71,12 +71,8 @@ def run(cfg: EvalConfig, inputs: dict[str, Artifact], out: Path) -> dict:
     # ---- everything tokenized once, before any model is loaded (bad inputs fail fast)
     texts, skipped = corpora.load(cfg.texts, data, max_chars=cfg.max_tokens * 6 + 1000)
     notes += skipped
-    windows, corpus_facts = {}, {}
-    for corpus in texts:
-        ids = tok.encode(corpus.text)[: cfg.max_tokens]
-        windows[corpus.name] = perplexity.windows(ids, cfg.context_length, cfg.stride, tok.bos_id)
-        corpus_facts[corpus.name] = {"source": corpus.source, "tokens": sum(len(w) for w in windows[corpus.name]),
-                                     "windows": len(windows[corpus.name])}
+    windows, corpus_facts = passes.tokenize_corpora(texts, tok, context_length=cfg.context_length, stride=cfg.stride,
+                                                    max_tokens=cfg.max_tokens)
     mc_sets = []
     for spec in cfg.multiple_choice:
         bench = multiple_choice.load(spec)
@@ -87,72 +83,26 @@ def run(cfg: EvalConfig, inputs: dict[str, Artifact], out: Path) -> dict:
                 + [len(ids) + cfg.reply_max_tokens for ids in reply_prompts])
 
     variants, reference, variant_notes = discover(inputs, n_ctx=n_ctx)
+    annotate_groups(variants)  # imatrix or plain, from each quant's header: the KLD chart's groups
     notes += variant_notes
-    by_name = {v.name: v for v in variants}
-    results: dict = {
-        "name": name, "edgezh": __version__, "template": template,
-        "method": {"context_length": cfg.context_length, "stride": cfg.stride, "max_tokens": cfg.max_tokens,
-                   "bos": tok.bos_id is not None, "tokenizer": str(model_dir(inputs["base"]))},
-        "variants": {v.name: {"engine": v.engine, "quantized": v.quantized, **v.facts} for v in variants},
-        "corpora": corpus_facts, "perplexity": {}, "scoring_tps": {},
-        "kld": {"reference": reference, "variants": {}},
-        "multiple_choice": [{"set": b.name, "layout": b.layout, "shots": k, "questions": len(items), "by_variant": {}}
-                            for b, k, items in mc_sets],
-        "chinese_reply": {"source": reply_source, "prompts": len(reply_prompts), "max_tokens": cfg.reply_max_tokens,
-                          "by_variant": {}},
-        "speed": {}, "notes": notes,
-    }
-
-    def per_variant(backend, variant: Variant) -> None:
-        for entry, (bench, shots, items) in zip(results["multiple_choice"], mc_sets):
-            with status(f"{variant.name}: {bench.name} {shots}-shot, {len(items)} questions"):
-                preds = multiple_choice.predict(backend, tok, items)
-            entry["by_variant"][variant.name] = multiple_choice.summarize(bench, items, preds, shots)
-        if reply_prompts:
-            with status(f"{variant.name}: greedy replies to {len(reply_prompts)} Chinese prompts"):
-                results["chinese_reply"]["by_variant"][variant.name] = chinese_reply.evaluate(
-                    backend, tok, reply_prompts, cfg.reply_max_tokens)
-
-    quantized = [v for v in variants if v.quantized]
-    lockstep_ref = by_name[reference] if reference and by_name[reference].engine == "llama.cpp" else None
-    for variant in variants:
-        if variant.quantized or variant is lockstep_ref:
-            continue
-        with status(f"loading {variant.name} ({variant.engine})"):
-            backend = variant.open()
-        try:
-            _check_vocab(backend, tok, variant)
-            results["perplexity"][variant.name] = {}
-            for corpus, wins in windows.items():
-                with status(f"{variant.name}: perplexity on {corpus} ({corpus_facts[corpus]['tokens']} tokens)"):
-                    nll = perplexity.score(backend, wins)
-                results["perplexity"][variant.name][corpus] = perplexity.perplexity(nll)
-            results["scoring_tps"][variant.name] = _tps(backend)
-            per_variant(backend, variant)
-        finally:
-            backend.close()
-
-    if quantized:
-        _lockstep(results, by_name[reference], quantized, windows, corpus_facts, tok, per_variant,
-                  run_reference_tasks=lockstep_ref is not None)
-
-    prompt = _speed_prompt(texts, tok)
-    for variant in variants:
-        if variant.engine == "llama.cpp" and prompt:
-            with status(f"{variant.name}: tokens/s on this machine"):
-                results["speed"][variant.name] = speed.measure(Path(variant.facts["file"]), prompt, gen_tokens=SPEED_GEN_TOKENS)
+    results = passes.new_results(name, template, tok, variants, reference, context_length=cfg.context_length,
+                                 stride=cfg.stride, max_tokens=cfg.max_tokens, tokenizer=str(model_dir(inputs["base"])),
+                                 corpus_facts=corpus_facts, mc_sets=mc_sets, reply_prompts=reply_prompts,
+                                 reply_source=reply_source, reply_max_tokens=cfg.reply_max_tokens, notes=notes)
+    passes.measure(results, variants, reference, windows, tok, mc_sets=mc_sets, reply_prompts=reply_prompts,
+                   reply_max_tokens=cfg.reply_max_tokens)
+    measure_speed(results, variants, texts, tok)
 
     results["gates"] = gates.check(cfg.gates, results)
     failed = gates.failures(results["gates"])
     results["built"] = report.built(inputs)
+    if "quantize" in inputs:  # how the quants were made: the importance matrix, the fit search
+        results["quantization"] = {"imatrix": inputs["imatrix"].info if "imatrix" in inputs else None,
+                                   "fit": inputs["quantize"].info.get("fit")}
     results["ollama"] = report.ollama_commands(inputs, root)
     results["chat"] = f"edgezh chat {_display(root)}"
 
-    folder = out / "report"
-    folder.mkdir()
-    results["figures"] = plots.draw(results, folder) + report.copy_training_plots(inputs, folder)
-    (folder / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-    (out / "report.md").write_text(report.render(results), encoding="utf-8")
+    write_report(results, out, training_plots=lambda folder: report.copy_training_plots(inputs, folder))
     publish(out, root)
     log.info("report written to %s (%d gate failure(s))", root / "report.md", len(failed))
     if failed:
@@ -164,21 +114,34 @@ def run(cfg: EvalConfig, inputs: dict[str, Artifact], out: Path) -> dict:
             "variants": results["variants"], "report": "report.md"}
 
 
+def write_report(results: dict, out: Path, *, render=None, training_plots=None, results_json: Path | None = None) -> None:
+    """`out/report.md` and `out/report/` (figures, and `results.json` unless `results_json` says where):
+    the size-vs-KLD chart's points go into `results["kld"]["chart"]` first."""
+    folder = out / "report"
+    folder.mkdir(parents=True, exist_ok=True)
+    if results.get("kld", {}).get("variants"):
+        results["kld"]["chart"] = kld.chart_points(results)
+    results["figures"] = plots.draw(results, folder) + (training_plots(folder) if training_plots else [])
+    target = results_json or folder / "results.json"
+    target.write_text(json.dumps(results, indent=1, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    (out / "report.md").write_text((render or report.render)(results), encoding="utf-8")
+
+
+def measure_speed(results: dict, variants: list[Variant], texts, tok) -> None:
+    """Prompt and generation tokens/s of every GGUF variant on this machine."""
+    prompt = _speed_prompt(texts, tok)
+    for variant in variants:
+        # a plain twin has its imatrix twin's tensor types, hence its speed: not measured twice
+        if variant.engine == "llama.cpp" and prompt and not layout.is_plain_twin(variant.name):
+            with status(f"{variant.name}: tokens/s on this machine"):
+                results["speed"][variant.name] = speed.measure(Path(variant.facts["file"]), prompt, gen_tokens=SPEED_GEN_TOKENS)
+
+
 def _display(root: Path) -> str:
     try:
         return str(root.resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
         return str(root)
-
-
-def _check_vocab(backend, tok: EvalTokenizer, variant: Variant) -> None:
-    if backend.n_vocab < len(tok):
-        raise UserError(f"{variant.name}: the model has {backend.n_vocab} output tokens but the base tokenizer {len(tok)}; "
-                        "every variant must share the base's vocabulary")
-
-
-def _tps(backend) -> float | None:
-    return round(backend.tokens / backend.seconds, 1) if backend.seconds else None
 
 
 def _reply_prompts(cfg: EvalConfig, data: Artifact | None, tok: EvalTokenizer) -> tuple[list[list[int]], str]:
@@ -204,64 +167,6 @@ def _speed_prompt(texts, tok: EvalTokenizer) -> list[int]:
     return fallback[:SPEED_PROMPT_TOKENS]
 
 
-def _lockstep(results: dict, reference: Variant, quantized: list[Variant], windows: dict, corpus_facts: dict,
-              tok: EvalTokenizer, per_variant, *, run_reference_tasks: bool) -> None:
-    """The reference and the quantized variants window by window: perplexities, KLD, top-1."""
-    import numpy as np
-    import psutil
-
-    budget = int(psutil.virtual_memory().available * MEMORY_SHARE)
-    groups = batches(reference, quantized, budget)
-    if len(groups) > 1:
-        results["notes"].append(f"KLD pass in {len(groups)} groups to fit memory; the reference was run once per group")
-    table = results["kld"]["variants"]
-    for index, group in enumerate(groups):
-        with status(f"loading {reference.name} and {', '.join(v.name for v in group)}"):
-            ref = reference.open()
-            opened = {}
-            try:
-                for v in group:
-                    opened[v.name] = v.open()
-            except BaseException:
-                ref.close()
-                for b in opened.values():
-                    b.close()
-                raise
-        try:
-            _check_vocab(ref, tok, reference)
-            for v in group:
-                _check_vocab(opened[v.name], tok, v)
-            pooled = {v.name: ([], []) for v in group}
-            for corpus, wins in windows.items():
-                with status(f"{reference.name} vs {', '.join(opened)}: {corpus} ({corpus_facts[corpus]['tokens']} tokens)"):
-                    ref_nll, comparisons = kld.compare(ref, opened, wins)
-                ref_ppl = perplexity.perplexity(ref_nll)
-                results["perplexity"].setdefault(reference.name, {})[corpus] = ref_ppl
-                for vname, comp in comparisons.items():
-                    nll, values, top1 = comp.arrays()
-                    ppl = perplexity.perplexity(nll)
-                    results["perplexity"].setdefault(vname, {})[corpus] = ppl
-                    entry = table.setdefault(vname, {"by_corpus": {}, "ppl_ratio": {}})
-                    entry["by_corpus"][corpus] = kld.stats(values, top1)
-                    entry["ppl_ratio"][corpus] = ppl / ref_ppl if ref_ppl else None
-                    pooled[vname][0].append(values)
-                    pooled[vname][1].append(top1)
-            for vname, (values, top1) in pooled.items():
-                table[vname]["all"] = kld.stats(np.concatenate(values) if values else np.zeros(0),
-                                                np.concatenate(top1) if top1 else np.zeros(0, bool))
-            if index == 0:
-                results["scoring_tps"][reference.name] = _tps(ref)
-                if run_reference_tasks:
-                    per_variant(ref, reference)
-            for v in group:
-                results["scoring_tps"][v.name] = _tps(opened[v.name])
-                per_variant(opened[v.name], v)
-        finally:
-            ref.close()
-            for b in opened.values():
-                b.close()
-
-
 def _drop_previous(out: Path) -> None:
     """Remove the eval artifact of an earlier run, so that the next build evaluates again and rewrites the
     build root's report (otherwise a rerun that matched the earlier artifact's key would be cached and
@@ -274,18 +179,10 @@ def _drop_previous(out: Path) -> None:
 def publish(out: Path, root: Path) -> None:
     """Copy `out/report.md` and `out/report/` to the build root, each atomically (a reader sees the old
     or the new report, never half of one)."""
-    final = root / "report"
-    tmp = root / ".report.tmp"
-    old = root / ".report.old"
-    for leftover in (tmp, old):
-        if leftover.exists():
-            shutil.rmtree(leftover)
+    tmp = fresh_tmp(root / "report")
+    tmp.rmdir()
     shutil.copytree(out / "report", tmp)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old)
+    swap_in(tmp, root / "report")
     part = root / "report.md.part"
     shutil.copyfile(out / "report.md", part)
     os.replace(part, root / "report.md")

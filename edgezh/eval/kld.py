@@ -78,3 +78,36 @@ def stats(kld: np.ndarray, top1: np.ndarray) -> dict:
         "max": float(np.max(kld)),
         "top1": float(np.mean(top1)),
     }
+
+
+def pareto(points: list[tuple[float, float]]) -> list[bool]:
+    """Which (size, kld) points are Pareto-optimal: no other point is at most as large and at most as far
+    from the reference, and better in one of the two."""
+    flags = []
+    for i, (size, value) in enumerate(points):
+        dominated = any(j != i and s <= size and v <= value and (s < size or v < value) for j, (s, v) in enumerate(points))
+        flags.append(not dominated)
+    return flags
+
+
+def chart_points(results: dict) -> dict:
+    """The data of the size-vs-KLD chart, kept in the report's results (`results["kld"]["chart"]`): one point
+    per quantized variant with a size and a measured mean KLD — file bytes, mean and p99 KLD, top-1, its
+    `group` (a variant's facts may name one, e.g. "imatrix" or "plain"; None otherwise) and whether it is on
+    the Pareto front — and the reference's size."""
+    k = results.get("kld") or {}
+    facts = results.get("variants") or {}
+    points = []
+    for name, v in (k.get("variants") or {}).items():
+        a = v.get("all") or {}
+        size = (facts.get(name) or {}).get("bytes")
+        if not a.get("tokens") or a.get("mean") is None or not size:
+            continue
+        points.append({"variant": name, "bytes": int(size), "mean_kld": a["mean"], "p99_kld": a.get("p99"),
+                       "top1": a.get("top1"), "group": (facts.get(name) or {}).get("group")})
+    for point, optimal in zip(points, pareto([(p["bytes"], p["mean_kld"]) for p in points])):
+        point["pareto"] = optimal
+    points.sort(key=lambda p: (p["bytes"], p["mean_kld"]))
+    reference = k.get("reference")
+    return {"x": "bytes", "y": "mean_kld", "reference": {"variant": reference, "bytes": (facts.get(reference) or {}).get("bytes")},
+            "points": points}

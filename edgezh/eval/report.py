@@ -4,6 +4,9 @@ Layout: title and gate verdict; what was built (stages, hashes, files with sizes
 weight, the recipe sections); perplexity; KL divergence and top-1 agreement; multiple choice by
 category; Chinese-reply rate; speed on this machine; plots and training curves; gates; how to run
 it (Ollama commands, `edgezh chat`); notes. Figures sit in `report/` beside it.
+
+`render_eval` is the page `edgezh eval` writes: the files, then the same Perplexity, KL divergence,
+Chinese-reply rate and Plots sections.
 """
 
 from __future__ import annotations
@@ -90,6 +93,19 @@ def render(r: dict) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def render_eval(r: dict) -> str:
+    """The report of `edgezh eval` (GGUF files, or a build's GGUFs, against a reference): the files, then the
+    Perplexity, KL divergence, Chinese-reply rate and Plots sections exactly as the build's report renders them."""
+    lines: list[str] = [f"# {r['name']}: quality of {len(r['variants'])} GGUF file(s)", ""]
+    lines += [f"edgezh {r['edgezh']}, chat format `{r['template']}`, tokenized with `{r['method']['tokenizer']}`, "
+              f"{time.strftime('%Y-%m-%d %H:%M')}." + (f" Command: `{r['command']}`" if r.get("command") else ""), ""]
+    lines += ["## Files", ""] + _variants(r)
+    lines += _perplexity(r) + _kld(r) + _replies(r) + _plots(r, training_curves=False)
+    if r.get("notes"):
+        lines += ["## Notes", ""] + [f"- {n}" for n in r["notes"]] + [""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
 def _built(r: dict) -> list[str]:
     lines = ["## What was built", ""]
     rows = []
@@ -97,16 +113,19 @@ def _built(r: dict) -> list[str]:
         facts = ", ".join(f"{k}={v}" for k, v in list(b["facts"].items())[:6])
         rows.append([b["stage"], f"`{b['folder']}`", f"`{b['hash'][:12]}`", _mib(b["bytes"]), facts])
     lines += _table(["stage", "folder", "hash", "size", "facts"], rows) + [""]
-    files = [[name, v["engine"], f"`{Path(v.get('file') or v.get('folder') or v.get('adapter') or '').name}`",
-              _mib(v.get("bytes")), _num(v.get("bits_per_weight") or v.get("bits"), "g") if (v.get("bits_per_weight") or v.get("bits")) else "—"]
-             for name, v in r["variants"].items()]
-    lines += ["Variants evaluated (each row a model the build made):", ""]
-    lines += _table(["variant", "engine", "file / folder", "size", "bits per weight"], files) + [""]
+    lines += ["Variants evaluated (each row a model the build made):", ""] + _variants(r)
     recipe = {b["stage"]: b["config"] for b in r.get("built", []) if b.get("config") is not None}
     if recipe:
         lines += ["<details><summary>Recipe sections each stage ran with (from its manifest)</summary>", "", "```json",
                   json.dumps(recipe, indent=1, ensure_ascii=False), "```", "", "</details>", ""]
     return lines
+
+
+def _variants(r: dict) -> list[str]:
+    files = [[name, v["engine"], f"`{Path(v.get('file') or v.get('folder') or v.get('adapter') or '').name}`",
+              _mib(v.get("bytes")), _num(v.get("bits_per_weight") or v.get("bits"), "g") if (v.get("bits_per_weight") or v.get("bits")) else "—"]
+             for name, v in r["variants"].items()]
+    return _table(["variant", "engine", "file / folder", "size", "bits per weight"], files) + [""]
 
 
 def _perplexity(r: dict) -> list[str]:
@@ -118,8 +137,9 @@ def _perplexity(r: dict) -> list[str]:
     lines += [f"Sliding windows of {m['context_length']} tokens{' (BOS first)' if m['bos'] else ''}, stride {m['stride']}: "
               "each window scores only the tokens the previous one did not reach, so every token is scored once "
               f"with at least {m['context_length'] - int(m['bos']) - m['stride']} tokens of context after the first window. "
-              "Texts are tokenized once with the base's tokenizer; transformers and llama.cpp (F32 KV cache) read "
-              "the same ids. Lower is better.", ""]
+              + (f"Texts are tokenized once with {m['tokenized_with']}; every model reads the same ids (llama.cpp, F32 KV "
+                 "cache). " if m.get("tokenized_with") else "Texts are tokenized once with the base's tokenizer; transformers "
+                 "and llama.cpp (F32 KV cache) read the same ids. ") + "Lower is better.", ""]
     header = ["variant", "engine"] + [f"{c} ({r['corpora'][c]['tokens']} tokens)" for c in corpora]
     rows = [[name, r["variants"][name]["engine"]] + [_num(values.get(c), ",.3f") for c in corpora]
             for name, values in r["perplexity"].items()]
@@ -141,10 +161,56 @@ def _kld(r: dict) -> list[str]:
         a = v.get("all", {})
         ratio = max((x for x in v.get("ppl_ratio", {}).values() if x is not None), default=None)
         bpw = r["variants"][name].get("bits_per_weight") or r["variants"][name].get("bits")
-        rows.append([name, _num(bpw, "g") if bpw else "—", _num(a.get("mean"), ".5f"), _num(a.get("p99"), ".5f"),
-                     _num(a.get("max"), ".4f"), _num(a.get("top1"), ".2%"), _num(ratio, ".4f"), str(a.get("tokens", 0))])
-    lines += _table(["variant", "bits per weight", "mean KLD", "p99 KLD", "max KLD", "top-1", "PPL ratio", "tokens"], rows) + [""]
-    return lines
+        rows.append([name, _mib(r["variants"][name].get("bytes")) or "—", _num(bpw, "g") if bpw else "—",
+                     _num(a.get("mean"), ".5f"), _num(a.get("p99"), ".5f"), _num(a.get("max"), ".4f"), _num(a.get("top1"), ".2%"),
+                     _num(ratio, ".4f"), str(a.get("tokens", 0))])
+    lines += _table(["variant", "size", "bits per weight", "mean KLD", "p99 KLD", "max KLD", "top-1", "PPL ratio", "tokens"],
+                    rows) + [""]
+    front = [p["variant"] for p in (k.get("chart") or {}).get("points", []) if p.get("pareto")]
+    if front:
+        lines += [f"Pareto front of size against mean KLD (no other variant is both smaller and closer to `{k['reference']}`), "
+                  f"smallest first: {', '.join(front)}. The chart is under Plots.", ""]
+    return lines + _imatrix(r) + _fit(r)
+
+
+def _imatrix(r: dict) -> list[str]:
+    """Each type built both ways: with the build's importance matrix and without (`<type>-plain`)."""
+    q = (r.get("quantization") or {})
+    matrix = q.get("imatrix")
+    k = (r.get("kld") or {}).get("variants") or {}
+    pairs = [(name, name.removesuffix("-plain")) for name in k if name.endswith("-plain") and name.removesuffix("-plain") in k]
+    if not matrix:
+        return []
+    source = ", ".join(matrix.get("datasets") or []) or matrix.get("source", "a file")
+    lines = ["### Importance matrix", "",
+             f"Quantized with `{matrix['file']}`: {matrix.get('chunk_count')} chunks of {matrix.get('chunk_size')} tokens "
+             f"of {source}, {matrix.get('entries')} weights.", ""]
+    if not pairs:
+        return lines + ["No type was also built without it (`export.gguf.plain`), so there is nothing to compare.", ""]
+    rows = []
+    for plain, with_matrix in pairs:
+        a, b = k[plain].get("all", {}), k[with_matrix].get("all", {})
+        ratio = b["mean"] / a["mean"] if a.get("mean") and b.get("mean") is not None else None
+        rows.append([with_matrix, _num(a.get("mean"), ".5f"), _num(b.get("mean"), ".5f"), _num(ratio, ".2f") + "×" if ratio else "—",
+                     f"{_num(a.get('top1'), '.1%')} → {_num(b.get('top1'), '.1%')}"])
+    return lines + _table(["type", "mean KLD plain", "mean KLD imatrix", "imatrix / plain", "top-1 plain → imatrix"], rows) + [""]
+
+
+def _fit(r: dict) -> list[str]:
+    """`export.gguf.fit`: the budget, every scored candidate, the one kept."""
+    fit = (r.get("quantization") or {}).get("fit")
+    if not fit:
+        return []
+    reckoned = (f"{fit['target']}: {_mib(fit['memory'])} less {_mib(fit['reserve'])} reserve and {_mib(fit['kv_cache'])} "
+                f"of KV cache for {fit['ctx']} tokens" if fit.get("target") else f"given as {fit.get('given')}")
+    chosen = fit.get("chosen") or {}
+    lines = ["### Fit to a size budget", "",
+             f"Budget {_mib(fit['budget'])} ({reckoned}). {len(fit['candidates'])} candidate mixes sized by llama.cpp's dry run; "
+             f"the largest that fit scored by mean KLD vs f16 on {fit['text']['tokens']} tokens of {fit['text']['source']}. "
+             f"Kept as `fit`: **{chosen.get('label')}**.", ""]
+    rows = [[c["label"], _mib(c["bytes"]), _num(c.get("bits_per_weight"), "g"), _num(c["kld"], ".5f"), _num(c.get("top1"), ".1%")]
+            for c in sorted(fit["candidates"], key=lambda c: c["bytes"]) if c.get("kld") is not None]
+    return lines + _table(["candidate", "size", "bits per weight", "mean KLD (held-out)", "top-1"], rows) + [""]
 
 
 def _mc(r: dict) -> list[str]:
@@ -206,11 +272,13 @@ def _speed(r: dict) -> list[str]:
     return lines
 
 
-def _plots(r: dict) -> list[str]:
+def _plots(r: dict, *, training_curves: bool = True) -> list[str]:
     figures = r.get("figures", [])
     ours = [f for f in figures if Path(f).name in ("perplexity.png", "kld.png")]
     training = [f for f in figures if f not in ours]
     lines = ["## Plots", ""] + [f"![{Path(f).stem}]({f})" for f in ours] + [""]
+    if not training_curves:
+        return lines
     lines += ["## Training curves", ""]
     lines += [f"![{Path(f).stem}]({f})" for f in training] if training else ["No training plots in this build."]
     return lines + [""]

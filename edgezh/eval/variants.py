@@ -25,7 +25,8 @@ from typing import Callable
 
 from edgezh.artifacts import Artifact
 from edgezh.eval.backends import GGUFBackend, HFBackend
-from edgezh.models.base_stage import model_dir
+from edgezh import layout
+from edgezh.layout import model_dir
 
 UNQUANTIZED_GGUF = ("f32", "f16", "bf16")
 
@@ -78,7 +79,7 @@ def discover(inputs: dict[str, Artifact], *, n_ctx: int, threads: int | None = N
                                 path.stat().st_size, {"file": str(path), "bytes": facts["bytes"],
                                                       "bits_per_weight": facts["bits_per_weight"]}))
     if "quantize" in inputs:
-        for kind, q in inputs["quantize"].info["quants"].items():
+        for kind, q in layout.quants(inputs["quantize"].info).items():
             path = inputs["quantize"].file(q["file"])
             variants.append(Variant(kind, "llama.cpp", True, partial(GGUFBackend, path, n_ctx=n_ctx, name=kind, threads=threads),
                                     path.stat().st_size, {"file": str(path), "bytes": q["bytes"],
@@ -111,3 +112,60 @@ def batches(reference: Variant, quantized: list[Variant], budget: int) -> list[l
     if current:
         groups.append(current)
     return groups
+
+
+# ------------------------------------------------------------------ GGUF files from anywhere (`edgezh eval`)
+
+IMATRIX_KEY = "quantize.imatrix.file"  # llama.cpp's quantizer writes it into a GGUF quantized with an imatrix
+
+
+def gguf_group(path: Path) -> str:
+    """`imatrix` when the GGUF was quantized with an importance matrix (its header says so), else `plain`."""
+    from edgezh.gguf_meta import read_metadata
+
+    return "imatrix" if IMATRIX_KEY in read_metadata(path, [IMATRIX_KEY]) else "plain"
+
+
+def annotate_groups(variants: list[Variant]) -> None:
+    """Give every quantized GGUF variant a `group` fact (kept when one is already there)."""
+    for v in variants:
+        if v.engine == "llama.cpp" and v.quantized and v.facts.get("file"):
+            v.facts.setdefault("group", gguf_group(Path(v.facts["file"])))
+
+
+def bits_per_weight(path: Path) -> float | None:
+    """Bits per weight over the tensor data, as llama.cpp reports it and `edgezh.export.quantize.describe` computes
+    it, read from the tensor table alone (gguf-py's reader parses the whole vocabulary first: seconds per file)."""
+    import gguf
+
+    from edgezh.gguf_meta import _Reader
+
+    with open(path, "rb") as handle:
+        reader = _Reader(handle, Path(path))
+        reader.take(4)
+        reader.unpack("<I")
+        n_tensors, n_kv = reader.unpack("<Q"), reader.unpack("<Q")
+        for _ in range(n_kv):
+            reader.string()
+            reader.value(reader.unpack("<I"), False)
+        params = data = 0
+        for _ in range(n_tensors):
+            reader.string()
+            elements = 1
+            for _dim in range(reader.unpack("<I")):
+                elements *= reader.unpack("<Q")
+            kind = reader.unpack("<I")
+            reader.unpack("<Q")
+            block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)]
+            params += elements
+            data += elements // block * size
+    return round(data * 8 / params, 3) if params else None
+
+
+def gguf_variant(path: Path, name: str, *, n_ctx: int, quantized: bool, threads: int | None = None) -> Variant:
+    """A GGUF file as a variant: its size, bits per weight and (quantized) its group, all from the file."""
+    v = Variant(name, "llama.cpp", quantized, partial(GGUFBackend, path, n_ctx=n_ctx, name=name, threads=threads),
+                path.stat().st_size, {"file": str(path), "bytes": path.stat().st_size, "bits_per_weight": bits_per_weight(path)})
+    if quantized:
+        v.facts["group"] = gguf_group(path)
+    return v
