@@ -25,7 +25,10 @@ GIB = 2**30
 # Bits per weight of whole llama.cpp files (Llama 3 8B, llama.cpp's quantize documentation).
 GGUF_BPW = {"f32": 32.0, "f16": 16.0, "bf16": 16.0, "q8_0": 8.5, "q4_0": 4.55, "q4_1": 5.0, "q5_0": 5.5,
             "q5_1": 6.0, "q2_k": 3.35, "q3_k_s": 3.5, "q3_k_m": 3.91, "q3_k_l": 4.27, "q4_k_s": 4.58,
-            "q4_k_m": 4.89, "q5_k_s": 5.54, "q5_k_m": 5.7, "q6_k": 6.56}
+            "q4_k_m": 4.89, "q5_k_s": 5.54, "q5_k_m": 5.7, "q6_k": 6.56,
+            # llama-quantize's nominal figures for the rest (its QUANT_OPTIONS table)
+            "q2_k_s": 3.2, "iq4_xs": 4.25, "iq4_nl": 4.5, "iq3_m": 3.66, "iq3_s": 3.44, "iq3_xs": 3.3,
+            "iq3_xxs": 3.06, "iq2_m": 2.7, "iq2_s": 2.5, "iq2_xs": 2.31, "iq2_xxs": 2.06, "iq1_m": 1.75, "iq1_s": 1.56}
 LLAMA3_VOCAB = 128256
 
 

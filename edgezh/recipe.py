@@ -10,12 +10,25 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from edgezh.sizes import TARGETS, parse_size
+
 TemplateName = Literal["llama3", "llama3.1", "chatml"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 GGUFOutType = Literal["f32", "f16", "bf16", "q8_0"]
-QuantType = Literal["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k_s", "q3_k_m", "q3_k_l",
-                    "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k"]
+QuantType = Literal["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q2_k_s", "q3_k_s", "q3_k_m", "q3_k_l",
+                    "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k",
+                    "iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq3_xxs", "iq3_xs", "iq3_s", "iq3_m",
+                    "iq4_nl", "iq4_xs"]
+# Mixes that need an importance matrix, edgezh's policy: every IQ type and q2_k_s. llama.cpp itself refuses
+# ("this quantization requires an imatrix!") when a weight other than token_embd/output would get IQ1_S,
+# IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S or IQ3_XXS, or Q2_K inside a q2_k_s file: iq1_s, iq1_m, iq2_xxs, iq2_xs,
+# iq2_s, iq2_m, iq3_xxs, iq3_xs and q2_k_s. iq3_s, iq3_m, iq4_xs and iq4_nl run without one, but were
+# designed around it (llama.cpp even switches their mixes when it is missing), so edgezh asks for it too.
+NEEDS_IMATRIX = frozenset(t for t in QuantType.__args__ if t.startswith("iq") or t == "q2_k_s")
+# A type one tensor can be given (ggml's tensor types, not mixes): output / embedding / per-tensor overrides.
+TensorType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k",
+                     "q6_k", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "iq3_s", "iq4_nl", "iq4_xs", "iq1_s", "iq1_m"]
 PosFloat = Annotated[float, Field(gt=0)]
 PosInt = Annotated[int, Field(gt=0)]
 
@@ -219,9 +232,39 @@ class DPOConfig(TrainCommon):
 
     learning_rate: PosFloat = Field(5e-6, description="Peak learning rate.")
     beta: PosFloat = Field(0.1, description="Strength of the KL penalty toward the reference model.")
-    loss_type: Literal["sigmoid", "ipo", "orpo"] = Field("sigmoid", description="Preference loss. `orpo` is refused at run time: TRL 1.16 has it only as an experimental separate trainer.")
+    loss_type: Literal["sigmoid", "ipo", "orpo"] = Field("sigmoid", description="Preference loss. `orpo` is refused when the recipe loads: TRL 1.16 has it only as an experimental separate trainer.")
     save_steps: PosInt = Field(100, description="Checkpoint every N optimizer steps into the stage's scratch folder; a rerun after an interruption resumes from the last complete checkpoint (only the adapter is saved for LoRA, plus optimizer state).")
     eval_steps: PosInt | None = Field(None, description="Evaluate on the held-out split every N steps; left out, once after training. The eval loss goes to the log and the manifest.")
+
+    @model_validator(mode="after")
+    def _loss(self) -> "DPOConfig":
+        if self.loss_type == "orpo":
+            raise ValueError("loss_type: orpo is not a DPOTrainer loss in TRL 1.16 (ORPO is an experimental, "
+                             "reference-free trainer there); use sigmoid or ipo")
+        return self
+
+
+def lora_differences(mine: LoraSpec, theirs: LoraSpec) -> list[str]:
+    """How one adapter shape differs from another (what continuing an adapter cannot change)."""
+    wanted = {"rank": (mine.rank, theirs.rank), "alpha": (mine.alpha, theirs.alpha),
+              "modules_to_save": (sorted(mine.modules_to_save), sorted(theirs.modules_to_save)),
+              "target_modules": (mine.target_modules, theirs.target_modules)}
+    return [f"{k} {a} vs {b}" for k, (a, b) in wanted.items() if a != b]
+
+
+def chain_problems(sft: SFTConfig | None, dpo: DPOConfig | None) -> list[tuple[str, str]]:
+    """What DPO after SFT cannot do, known from the recipe alone (checked when it loads, not after SFT trained)."""
+    if sft is None or dpo is None:
+        return []
+    if sft.method == "full" and dpo.method != "full":
+        return [("dpo.method", f"{dpo.method} after a full SFT is not supported: the merge stage folds the DPO "
+                 "adapter into the original base, not into the SFT model. Use method: full for dpo, or LoRA for sft")]
+    if sft.method != "full" and dpo.method != "full" and "lora" in dpo.model_fields_set:
+        differ = lora_differences(dpo.lora, sft.lora)
+        if differ:
+            return [("dpo.lora", f"DPO continues the SFT adapter but differs from it: {'; '.join(differ)}. "
+                     "Drop dpo.lora or make it match sft.lora")]
+    return []
 
 
 # ---------------------------------------------------------------- export
@@ -234,19 +277,121 @@ class MergeConfig(Section):
     shard_size_mb: PosInt = Field(2000, description="Largest output shard.")
 
 
+class ImatrixConfig(Section):
+    """The importance matrix llama.cpp's quantizer weighs its rounding errors by: the mean squared input of
+    every linear layer's columns on calibration text, computed from the merged 16-bit model (stage `imatrix`)."""
+
+    file: str | None = Field(None, description="Use this importance matrix instead of computing one: a file `llama-imatrix` wrote "
+                             "(GGUF, or the legacy .dat). Relative to the recipe.")
+    text: list[str] | None = Field(None, description="Calibration text, in order: `train` (the recipe's own training conversations "
+                                   "rendered through the chat template: what users will send), `peoples-daily`, `hsk` (Chinese corpora "
+                                   "from installed packages), or a path to a UTF-8 .txt / .jsonl (`text` field) file. Default: "
+                                   "`[train]` when the recipe has data, else `[peoples-daily]`.")
+    tokens: PosInt = Field(32768, description="Calibration tokens in all (cut into chunks of `chunk_size`).")
+    chunk_size: PosInt = Field(512, description="Tokens per forward pass (llama-imatrix's context size); memory is the model plus one chunk's activations.")
+
+    @field_validator("text")
+    @classmethod
+    def _text(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and not value:
+            raise ValueError("give at least one calibration text")
+        return value
+
+    def texts(self, has_data: bool) -> list[str]:
+        """The calibration texts, the default resolved."""
+        return list(self.text) if self.text is not None else (["train"] if has_data else ["peoples-daily"])
+
+
+class TensorTypeRule(Section):
+    """One per-tensor type: every GGUF tensor whose name matches `pattern` (a regex, searched) gets `type`."""
+
+    pattern: str = Field(..., description="Regex over GGUF tensor names, e.g. `ffn_down` or `blk\\.(0|1)\\.attn_v`.")
+    type: TensorType = Field(..., description="The ggml type those tensors get.")
+
+    @field_validator("pattern")
+    @classmethod
+    def _regex(cls, value: str) -> str:
+        import re
+
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression ({exc})") from None
+        return value
+
+
+class FitConfig(Section):
+    """Choose a quantization mix for a size budget by measured KLD vs f16 on held-out Chinese text."""
+
+    budget: str | None = Field(None, description="Largest GGUF file, e.g. `4.5GB`, `80MiB`, or a byte count. Give this or `target`.")
+    target: Literal[tuple(TARGETS)] | None = Field(
+        None, description="A machine the model must run on: the budget is its memory less the KV cache for `ctx` and a reserve "
+        "for the OS and runtime (shown in the manifest).")
+    ctx: PosInt = Field(4096, description="Context the machine must also hold (KV cache in f16) when `target` is given.")
+    candidates: list[QuantType] = Field(default_factory=lambda: ["q3_k_m", "q4_0", "q4_k_s", "q4_k_m", "iq4_xs", "q5_k_s", "q5_k_m", "q6_k"],
+                                        description="Base mixes to start from; each is tried with and without the importance matrix and "
+                                        "with edgezh's tensor promotions (attn_v/ffn_down up, see docs).")
+    tokens: PosInt = Field(2048, description="Held-out Chinese tokens each candidate is scored on (the data stage's "
+                           "held-out replies, else the end of People's Daily).")
+    max_scored: PosInt = Field(8, description="Candidates that fit, largest first, that are quantized and scored.")
+
+    @model_validator(mode="after")
+    def _one(self) -> "FitConfig":
+        if (self.budget is None) == (self.target is None):
+            raise ValueError("give exactly one of budget, target")
+        if self.budget is not None:
+            parse_size(self.budget)
+        return self
+
+
 class GGUFConfig(Section):
     """GGUF for llama.cpp and Ollama, written with gguf-py and quantized by llama.cpp."""
 
     outtype: GGUFOutType = Field("f16", description="Type of the converted file; the quantized files are made from it.")
     quantize: list[QuantType] = Field(default_factory=lambda: ["q4_k_m"], description="llama.cpp quantization targets.")
+    imatrix: ImatrixConfig | None = Field(None, description="Quantize with an importance matrix from calibration text (stage `imatrix`).")
+    plain: list[QuantType] = Field(default_factory=list, description="Types also built without the importance matrix "
+                                   "(`<name>-<type>-plain.gguf` in the quantize folder; no Modelfile, not in export/), so the report compares the two.")
+    output_type: TensorType | None = Field(None, description="Type of output.weight (the head); default: llama.cpp's choice for the mix.")
+    token_embedding_type: TensorType | None = Field(None, description="Type of token_embd.weight; default: llama.cpp's choice for the mix.")
+    pure: bool = Field(False, description="Every tensor in the mix's own type (no k-quant mix rules).")
+    tensor_types: list[TensorTypeRule] = Field(default_factory=list, description="Per-tensor types (llama.cpp's tt_overrides), first match wins.")
+    fit: FitConfig | None = Field(None, description="Also export the best mix for a size budget, chosen by measured KLD (`<name>-fit.gguf`).")
 
     @model_validator(mode="after")
     def _sources(self) -> "GGUFConfig":
-        if self.quantize and self.outtype == "q8_0":
+        if (self.quantize or self.fit) and self.outtype == "q8_0":
             raise ValueError("quantize from an f16/bf16/f32 outtype, not q8_0 (llama.cpp would requantize)")
         if len(set(self.quantize)) != len(self.quantize):
             raise ValueError("quantize lists a type twice")
         return self
+
+    def problems(self) -> list[tuple[str, str]]:
+        """(dotted path under export.gguf, message) for each type that cannot be made as asked."""
+        found = []
+        if self.imatrix is None:
+            # fit's default candidates leave out what needs an imatrix when there is none; asked for, they are refused
+            asked = self.fit.candidates if self.fit and "candidates" in self.fit.model_fields_set else []
+            for where, types in (("quantize", self.quantize), ("fit.candidates", asked)):
+                for index, kind in enumerate(types):
+                    if kind in NEEDS_IMATRIX:
+                        found.append((f"{where}.{index}", f"{kind} needs an importance matrix: set export.gguf.imatrix "
+                                      "(e.g. `imatrix: {}` calibrates on the training data)"))
+            singles = [("output_type", self.output_type), ("token_embedding_type", self.token_embedding_type)]
+            singles += [(f"tensor_types.{i}.type", rule.type) for i, rule in enumerate(self.tensor_types)]
+            for where, kind in singles:
+                if kind is not None and kind.startswith("iq"):
+                    found.append((where, f"{kind} tensors need an importance matrix: set export.gguf.imatrix"))
+        for index, kind in enumerate(self.plain):
+            if self.imatrix is None:
+                found.append((f"plain.{index}", "`plain` builds a type without the importance matrix beside the one with it: "
+                              "it needs export.gguf.imatrix"))
+                break
+            if kind in NEEDS_IMATRIX:
+                found.append((f"plain.{index}", f"{kind} cannot be built without an importance matrix"))
+            elif kind not in self.quantize:
+                found.append((f"plain.{index}", f"{kind} is not in export.gguf.quantize (plain compares a built type)"))
+        return found
 
 
 class GPTQConfig(Section):
@@ -377,6 +522,15 @@ class Recipe(Section):
             problems.append(("eval.gates.max_kld", "a KLD gate needs `export.gguf` quants to measure"))
         if self.export.gptq is not None and self.data is None:
             problems.append(("export.gptq", "GPTQ calibrates on the recipe's data: add a `data` section"))
+        problems += chain_problems(self.sft, self.dpo)
+        if self.export.gguf is not None:
+            problems += [(f"export.gguf.{where}", message) for where, message in self.export.gguf.problems()]
+            imatrix = self.export.gguf.imatrix
+            if imatrix is not None and imatrix.text and "train" in imatrix.text and self.data is None:
+                problems.append(("export.gguf.imatrix.text", "`train` calibrates on the recipe's data: add a `data` section "
+                                 "or name a corpus (peoples-daily, hsk, a file)"))
+            if imatrix is not None and imatrix.file is not None and imatrix.text is not None:
+                problems.append(("export.gguf.imatrix", "give `file` (an importance matrix made elsewhere) or `text`, not both"))
         if problems:
             raise RecipeConsistencyError(problems)
         return self

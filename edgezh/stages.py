@@ -38,11 +38,19 @@ def _weights(r: Recipe) -> list[str]:
     return ["base", "merge"] if _trained(r) else ["base"]
 
 
+def _imatrix(r: Recipe) -> bool:
+    return r.export.gguf is not None and r.export.gguf.imatrix is not None
+
+
+def _quantized(r: Recipe) -> bool:
+    return r.export.gguf is not None and bool(r.export.gguf.quantize or r.export.gguf.fit)
+
+
 STAGES: tuple[StageSpec, ...] = (
     StageSpec("base", "base", lambda r: True, lambda r: r.base, lambda r: [],
               "edgezh.models.base_stage", "resolve the base model into a safetensors folder with its chat format"),
     StageSpec("data", "data", lambda r: r.data is not None, lambda r: r.data, lambda r: ["base"],
-              "edgezh.data.stage", "read, mix, split and encode the training data"),
+              "edgezh.data.data_stage", "read, mix, split and encode the training data"),
     StageSpec("sft", "sft", lambda r: r.sft is not None, lambda r: r.sft, lambda r: ["base", "data"],
               "edgezh.train.sft_stage", "supervised fine-tuning (TRL; LoRA/QLoRA/full; DeepSpeed)"),
     StageSpec("dpo", "dpo", lambda r: r.dpo is not None, lambda r: r.dpo,
@@ -50,14 +58,18 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("merge", "sft/dpo", _trained, lambda r: r.merge,
               lambda r: ["base"] + (["dpo"] if r.dpo else ["sft"]), "edgezh.export.merge_stage", "fold the adapter into the 16-bit base"),
     StageSpec("gguf", "export.gguf", lambda r: r.export.gguf is not None,
-              lambda r: {"name": r.name, "outtype": r.export.gguf.outtype}, _weights, "edgezh.export.gguf_stage", "write GGUF with gguf-py"),
-    StageSpec("quantize", "export.gguf.quantize", lambda r: r.export.gguf is not None and bool(r.export.gguf.quantize),
-              lambda r: {"name": r.name, "types": r.export.gguf.quantize}, lambda r: ["gguf"], "edgezh.export.quantize_stage", "quantize with llama.cpp"),
+              lambda r: {"outtype": r.export.gguf.outtype}, _weights, "edgezh.export.gguf_stage", "write GGUF with gguf-py"),
+    StageSpec("imatrix", "export.gguf.imatrix", _imatrix, lambda r: r.export.gguf.imatrix,
+              lambda r: _weights(r) + (["data"] if r.data is not None else []), "edgezh.export.imatrix_stage",
+              "importance matrix from calibration text (llama.cpp's imatrix GGUF)"),
+    StageSpec("quantize", "export.gguf.quantize", _quantized, lambda r: r.export.gguf,
+              lambda r: ["base", "gguf"] + (["imatrix"] if _imatrix(r) else []) + (["data"] if r.data is not None and r.export.gguf.fit else []),
+              "edgezh.export.quantize_stage", "quantize with llama.cpp"),
     StageSpec("gptq", "export.gptq", lambda r: r.export.gptq is not None, lambda r: r.export.gptq,
               lambda r: _weights(r) + ["data"], "edgezh.export.gptq_stage", "4-bit GPTQ with GPTQModel"),
     StageSpec("modelfile", "modelfile", lambda r: r.modelfile is not None, lambda r: r.modelfile,
-              lambda r: ["base", "gguf"] + (["quantize"] if r.export.gguf and r.export.gguf.quantize else []),
+              lambda r: ["base", "gguf"] + (["quantize"] if _quantized(r) else []),
               "edgezh.export.modelfile_stage", "Ollama Modelfiles"),
     StageSpec("eval", "eval", lambda r: r.eval is not None, lambda r: r.eval,
-              lambda r: [s.name for s in STAGES[:-1] if s.enabled(r)], "edgezh.eval.stage", "quality report"),
+              lambda r: [s.name for s in STAGES[:-1] if s.enabled(r)], "edgezh.eval.eval_stage", "quality report"),
 )

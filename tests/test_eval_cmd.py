@@ -63,13 +63,13 @@ def evaluated(files, tmp_path_factory) -> dict:
     from edgezh import progress
 
     buffer = io.StringIO()
-    saved = progress.out.file
+    saved = progress.out._file  # None: the console follows sys.stdout (the `file` property would pin today's stream)
     progress.out.file = buffer
     try:
         rc = _eval(str(files["q8_0"]), str(files["q4_k_m"]), str(files["imat"]), "--reference", str(files["f16"]),
                    "--corpus", "hsk", *SMALL, "-o", str(out))
     finally:
-        progress.out.file = saved
+        progress.out._file = saved
     return {"rc": rc, "out": out, "stdout": buffer.getvalue(), "report": (out / "report.md").read_text(encoding="utf-8"),
             "results": json.loads((out / "results.json").read_text(encoding="utf-8"))}
 

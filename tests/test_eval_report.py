@@ -56,16 +56,16 @@ def built(exported: Path) -> dict:
     root = exported
     assert _build(root) == 0
     build = root / "tiny-llama3"
-    eval_dir = build / "10-eval"
+    eval_dir = build / "11-eval"
     return {
         "build": build,
         "report": (build / "report.md").read_text(encoding="utf-8"),
         "artifact_report": (eval_dir / "report.md").read_text(encoding="utf-8"),
         "manifest": json.loads((eval_dir / "manifest.json").read_text(encoding="utf-8")),
         "results": json.loads((build / "report" / "results.json").read_text(encoding="utf-8")),
-        "quantize": json.loads((build / "07-quantize" / "manifest.json").read_text(encoding="utf-8")),
+        "quantize": json.loads((build / "08-quantize" / "manifest.json").read_text(encoding="utf-8")),
         "gguf": json.loads((build / "06-gguf" / "manifest.json").read_text(encoding="utf-8")),
-        "modelfile": json.loads((build / "09-modelfile" / "manifest.json").read_text(encoding="utf-8")),
+        "modelfile": json.loads((build / "10-modelfile" / "manifest.json").read_text(encoding="utf-8")),
     }
 
 
@@ -90,7 +90,7 @@ def test_what_was_built_names_hashes_sizes_and_bits_per_weight(built) -> None:
     for kind, q in built["quantize"]["info"]["quants"].items():
         assert re.search(rf"^\| {kind} \| llama\.cpp \| `tiny-llama3-{kind}\.gguf` \| {q['bytes'] / 2**20:,.1f} MiB \| {q['bits_per_weight']:g} \|$",
                          text, re.M), kind
-    assert '"outtype": "f16"' in text and '"types": [' in text  # the recipe sections, from the manifests
+    assert '"outtype": "f16"' in text and '"quantize": [' in text  # the recipe sections, from the manifests
 
 
 def test_tables_hold_the_manifest_figures(built) -> None:
@@ -143,7 +143,7 @@ def test_impossible_gate_fails_the_build_and_keeps_the_report(built, capsys) -> 
     assert re.search(r"^\| max_kld \| q8_0 \| [\d.e-]+ \| 1e-12 \| \*\*FAIL\*\* \|$", _section(report, "Gates"), re.M)
     gates = json.loads((build / "report" / "results.json").read_text(encoding="utf-8"))["gates"]
     assert {g["variant"] for g in gates if not g["passed"]} == {"q4_k_m", "q8_0"}
-    assert not (build / "10-eval").exists() and not (build / "10-eval.tmp").exists()
+    assert not (build / "11-eval").exists() and not (build / "11-eval.tmp").exists()
     # relaxing the gate evaluates again (nothing stale is cached) and the root report passes
     assert _build(build.parent, *QUICK, "eval.gates.max_kld=10") == 0
     report = (build / "report.md").read_text(encoding="utf-8")
@@ -155,8 +155,8 @@ def test_impossible_gate_fails_the_build_and_keeps_the_report(built, capsys) -> 
 QUICKSTART_SMALL = ["data.sources.0.samples=80", "data.sources.1.samples=30", "sft.max_steps=2", "sft.save_steps=2",
                     "dpo.max_steps=2", "dpo.save_steps=2", "export.gptq.samples=4", "eval.max_tokens=256",
                     "eval.context_length=128", "eval.stride=96", "eval.chinese_reply_prompts=2", "eval.reply_max_tokens=6",
-                    "eval.multiple_choice=[{builtin: hsk-translate, max_questions: 2}]"]
-QUICKSTART_VARIANTS = {"base", "sft", "dpo", "f16", "q4_k_m", "q8_0", "gptq"}
+                    "eval.multiple_choice=[{builtin: hsk-translate, max_questions: 2}]", "export.gguf.imatrix.tokens=1024"]
+QUICKSTART_VARIANTS = {"base", "sft", "dpo", "f16", "q4_k_m", "q8_0", "q4_k_m-plain", "gptq"}
 
 
 @pytest.fixture(scope="module")
@@ -167,8 +167,8 @@ def quickstart(tmp_path_factory) -> dict:
     assert main(["build", str(QUICKSTART), f"output.root={root}", *QUICKSTART_SMALL]) == 0
     build = root / "quickstart"
     return {"build": build, "root": root, "report": (build / "report.md").read_text(encoding="utf-8"),
-            "info": json.loads((build / "10-eval" / "manifest.json").read_text(encoding="utf-8"))["info"],
-            "modelfile": json.loads((build / "09-modelfile" / "manifest.json").read_text(encoding="utf-8"))["info"]}
+            "info": json.loads((build / "11-eval" / "manifest.json").read_text(encoding="utf-8"))["info"],
+            "modelfile": json.loads((build / "10-modelfile" / "manifest.json").read_text(encoding="utf-8"))["info"]}
 
 
 def test_quickstart_report_has_every_section_with_every_variant(quickstart) -> None:
@@ -178,7 +178,7 @@ def test_quickstart_report_has_every_section_with_every_variant(quickstart) -> N
     assert positions == sorted(positions)
 
     built = _section(report, "What was built")
-    for folder in ("01-base", "02-data", "03-sft", "04-dpo", "05-merge", "06-gguf", "07-quantize", "08-gptq", "09-modelfile"):
+    for folder in ("01-base", "02-data", "03-sft", "04-dpo", "05-merge", "06-gguf", "07-imatrix", "08-quantize", "09-gptq", "10-modelfile"):
         assert f"| `{folder}` |" in built, folder
     assert "group_size=64" in built
 
@@ -187,7 +187,7 @@ def test_quickstart_report_has_every_section_with_every_variant(quickstart) -> N
     ppl_text = _section(report, "Perplexity")
     for name, values in ppl.items():
         assert re.search(rf"^\| {name} \| \S+ \| {values['heldout']:,.3f} \| {values['peoples-daily']:,.3f} \|$", ppl_text, re.M), name
-    assert set(info["kld"]["variants"]) == {"q4_k_m", "q8_0", "gptq"}
+    assert set(info["kld"]["variants"]) == {"q4_k_m", "q8_0", "q4_k_m-plain", "gptq"}
     kld_text = _section(report, "KL divergence")
     assert all(f"| {name} |" in kld_text for name in info["kld"]["variants"])
     assert [set(m["by_variant"]) for m in info["multiple_choice"]] == [QUICKSTART_VARIANTS]
@@ -220,4 +220,4 @@ def test_quickstart_with_an_impossible_gate_fails_and_keeps_its_report(quickstar
     assert re.search(r"gptq: top-1 agreement vs f16 0\.\d+ below min_top1 1\b", err), err[-2000:]
     report = (build / "report.md").read_text(encoding="utf-8")
     assert report.startswith("# quickstart: quality report\n\n**Gates: FAILED**")
-    assert "## Perplexity" in report and not (build / "10-eval").exists()
+    assert "## Perplexity" in report and not (build / "11-eval").exists()

@@ -47,7 +47,7 @@ def test_modelfile_comes_from_the_registry(tiny_build: Path) -> None:
 
 
 def test_quantize_records_types_sizes_and_no_fallback_for_256_multiples(tiny_build: Path) -> None:
-    manifest = json.loads((tiny_build / "07-quantize" / "manifest.json").read_text(encoding="utf-8"))
+    manifest = json.loads((tiny_build / "08-quantize" / "manifest.json").read_text(encoding="utf-8"))
     quants = manifest["info"]["quants"]
     assert set(quants) == {"q4_k_m", "q8_0"}
     assert "Q4_K" in quants["q4_k_m"]["tensor_types"] and quants["q4_k_m"]["fallback"] == []

@@ -369,6 +369,119 @@ def test_metadata_reads_back(tiny_f32, smol_f32, tiny_llama3, smollm2) -> None:
         assert _field(reader, "tokenizer.ggml.padding_token_id") == facts["pad_id"] == pad
 
 
+# --- parity with llama.cpp's converter --------------------------------------------------------------
+
+# Every metadata key llama.cpp's convert_hf_to_gguf.py (the llama.cpp that llama-cpp-python 0.3.36 vendors) writes
+# for the two fixture folders, measured with --vocab-only (GGUF.* header fields left out; a full conversion adds
+# only general.size_label, a parameter-count label such as "135M"). How it decides them:
+# - llama.attention.key_length/value_length: TextModel.set_gguf_parameters writes config["head_dim"] whenever the
+#   hparams have it. They are transformers' AutoConfig(...).to_dict(), and LlamaConfig always sets head_dim
+#   (hidden_size // num_attention_heads unless given), so for Llama it writes them always.
+# - tokenizer.ggml.{bos,eos,unknown,padding}_token_id: gguf-py's SpecialVocab: tokenizer_config.json's
+#   <kind>_token looked up among tokenizer.json's added tokens, else config.json's <kind>_token_id;
+#   generation_config.json is not read. SmolLM2: unk <|endoftext|> = 0, pad <|im_end|> = 2; Llama 3: no unk.
+# - add_bos/add_eos: from tokenizer.json's post-processor; chat_template from the folder's template.
+_REFERENCE_COMMON = (
+    "general.architecture", "general.type", "general.name", "general.file_type", "general.quantization_version",
+    "llama.block_count", "llama.context_length", "llama.embedding_length", "llama.feed_forward_length",
+    "llama.attention.head_count", "llama.attention.head_count_kv", "llama.attention.key_length",
+    "llama.attention.value_length", "llama.attention.layer_norm_rms_epsilon", "llama.rope.freq_base",
+    "llama.rope.dimension_count", "llama.vocab_size",
+    "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
+    "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+    "tokenizer.ggml.padding_token_id", "tokenizer.ggml.add_bos_token", "tokenizer.chat_template",
+)
+REFERENCE_KEYS = {
+    "tiny": frozenset(_REFERENCE_COMMON + ("tokenizer.ggml.add_eos_token",)),
+    "smol": frozenset(_REFERENCE_COMMON + ("tokenizer.ggml.unknown_token_id",)),
+}
+# Where edgezh's file deliberately differs from the reference's (a key left out, or another value). Every other key
+# the reference writes, edgezh writes with the same value and type.
+REFERENCE_DIFFERENCES = {
+    "general.type": "not written: edgezh's imatrix reader tells a model GGUF from an imatrix by general.architecture",
+    "general.name": "the name convert() is given (the recipe's), else the folder's; the reference derives one from "
+                    "the folder name ('01-base' -> '01 Base')",
+    "tokenizer.ggml.pre": "identified from the pre_tokenizer definition (llama-bpe); the reference hashes a test "
+                          "encoding, and a Llama 3 tokenizer that adds no BOS hashes as smaug-bpe (the same split in "
+                          "llama.cpp)",
+    "tokenizer.ggml.add_bos_token": "the chat format's BOS rule (template registry); the reference reads the "
+                                    "post-processor, which for this Llama 3 tokenizer adds no BOS",
+    "tokenizer.ggml.padding_token_id": "left out when the pad is a stop token of the chat format (SmolLM2's "
+                                       "<|im_end|>, its EOS); the reference writes it",
+}
+# the reference's keys that edgezh leaves out, per fixture
+REFERENCE_LEFT_OUT = {"tiny": {"general.type"}, "smol": {"general.type", "tokenizer.ggml.padding_token_id"}}
+
+
+def _keys(reader) -> set[str]:
+    return {key for key in reader.fields if not key.startswith("GGUF.")}
+
+
+def test_metadata_has_the_reference_keys(tiny_f32, smol_f32, tiny_llama3, smollm2) -> None:
+    import gguf
+
+    for fixture, (path, facts), folder, unk in (("tiny", tiny_f32, tiny_llama3, None), ("smol", smol_f32, smollm2, 0)):
+        reader = gguf.GGUFReader(path)
+        assert REFERENCE_KEYS[fixture] - _keys(reader) == REFERENCE_LEFT_OUT[fixture], fixture
+        assert REFERENCE_LEFT_OUT[fixture] <= set(REFERENCE_DIFFERENCES)
+        head_dim = json.loads((folder / "config.json").read_text(encoding="utf-8"))["head_dim"]
+        assert (_field(reader, "llama.attention.key_length") == _field(reader, "llama.attention.value_length")
+                == head_dim)
+        assert reader.fields["llama.attention.key_length"].types == [gguf.GGUFValueType.UINT32]
+        assert _field(reader, "tokenizer.ggml.unknown_token_id") == facts["unk_id"] == unk, fixture
+
+
+def test_hf_to_gguf_name_is_the_one_name_map() -> None:
+    from edgezh.export import imatrix
+    from edgezh.export.gguf_writer import hf_to_gguf_name
+
+    assert hf_to_gguf_name("model.layers.3.self_attn.q_proj.weight", 4) == "blk.3.attn_q.weight"
+    assert hf_to_gguf_name("model.layers.3.self_attn.k_proj.bias", 4) == "blk.3.attn_k.bias"
+    assert hf_to_gguf_name("model.embed_tokens.weight", 4) == "token_embd.weight"
+    assert hf_to_gguf_name("lm_head.weight", 4) == "output.weight"  # a tied model's writer skips it itself
+    assert hf_to_gguf_name("model.layers.0.self_attn.rotary_emb.inv_freq", 4) is None  # llama.cpp computes RoPE
+    assert hf_to_gguf_name("model.layers.4.mlp.up_proj.weight", 4) is None  # no such block
+    assert hf_to_gguf_name("model.vision_tower.weight", 4) is None
+    assert imatrix.gguf_weight_name("model.layers.3.mlp.down_proj", 4) == hf_to_gguf_name(
+        "model.layers.3.mlp.down_proj.weight", 4) == "blk.3.ffn_down.weight"
+
+
+def _reference_converter() -> Path | None:
+    """llama.cpp's convert_hf_to_gguf.py with its gguf-py beside it: $EDGEZH_LLAMA_CPP_CONVERT, else
+    .cache/llama.cpp/ (e.g. vendor/llama.cpp of the llama-cpp-python sdist: `pip download
+    llama-cpp-python==0.3.36 --no-binary :all: --no-deps`)."""
+    candidates = [os.environ.get("EDGEZH_LLAMA_CPP_CONVERT"), ROOT / ".cache" / "llama.cpp" / "convert_hf_to_gguf.py"]
+    for candidate in candidates:
+        if candidate and Path(candidate).is_file() and (Path(candidate).parent / "gguf-py").is_dir():
+            return Path(candidate)
+    return None
+
+
+def test_metadata_matches_llama_cpp_converter(tiny_f32, smol_f32, tiny_llama3, smollm2, tmp_path) -> None:
+    import gguf
+
+    script = _reference_converter()
+    if script is None:
+        pytest.skip("llama.cpp's convert_hf_to_gguf.py not found (set EDGEZH_LLAMA_CPP_CONVERT)")
+    for fixture, (path, _), folder in (("tiny", tiny_f32, tiny_llama3), ("smol", smol_f32, smollm2)):
+        out = tmp_path / f"{fixture}-reference.gguf"
+        proc = subprocess.run([sys.executable, str(script), "--vocab-only", "--outtype", "f32", "--outfile", str(out),
+                               str(folder)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        theirs, ours = gguf.GGUFReader(out), gguf.GGUFReader(path)
+        assert _keys(theirs) == REFERENCE_KEYS[fixture], (fixture, sorted(_keys(theirs) ^ REFERENCE_KEYS[fixture]))
+        differing = set()
+        for key in sorted(_keys(theirs)):
+            if key not in ours.fields:
+                differing.add(key)
+            elif (theirs.fields[key].types, theirs.fields[key].contents()) != (ours.fields[key].types,
+                                                                               ours.fields[key].contents()):
+                differing.add(key)
+        assert differing <= set(REFERENCE_DIFFERENCES), (fixture, sorted(differing - set(REFERENCE_DIFFERENCES)))
+        assert REFERENCE_LEFT_OUT[fixture] <= differing
+        out.unlink()
+
+
 def test_llama_cpp_reads_the_special_tokens(tiny_f32, smol_f32, llama32) -> None:
     import llama_cpp
 

@@ -11,14 +11,19 @@
   output head included — is read, encoded and written in chunks of rows, so the resident set stays
   at about one attention matrix. F16 converts straight from the source dtype; Q8_0/BF16 go through
   float32 chunk by chunk.
-- **Layout.** Names come from gguf-py's ``TensorNameMap``; Q/K weights (and biases) are permuted from
-  transformers' rotate-half RoPE layout to llama.cpp's interleaved one; 1-D tensors stay F32; Q8_0 is
+- **Layout.** Names come from gguf-py's ``TensorNameMap`` through ``hf_to_gguf_name`` (the imatrix uses it
+  too); Q/K weights (and biases) are permuted from transformers' rotate-half RoPE layout to llama.cpp's
+  interleaved one; 1-D tensors stay F32; Q8_0 is
   used only for 2-D tensors whose rows are a multiple of 32 (others fall back to F16 and are listed in
   the result). Llama 3.1 RoPE scaling (``rope_type: llama3``) becomes a ``rope_freqs`` tensor of
   per-frequency divisors; tied embeddings (Llama 3.2, SmolLM2) write no ``output.weight``.
 - **Tokenizer.** GPT-2 style byte-level BPE from ``tokenizer.json``. The llama.cpp pre-tokenizer name is
   identified from the ``pre_tokenizer`` definition itself (see ``PRE_TOKENIZERS``): an unknown definition
-  is an error, never a guess, because a wrong name silently changes how every text is split.
+  is an error, never a guess, because a wrong name silently changes how every text is split. BOS, UNK and PAD
+  ids are read as llama.cpp's converter reads them (``_special_id``); a PAD that is a stop token is left out.
+- **Metadata parity.** The keys llama.cpp's ``convert_hf_to_gguf.py`` writes for a Llama folder are written
+  too (``key_length``/``value_length`` always, as its ``head_dim`` always exists), except where edgezh
+  deliberately differs; ``tests/test_gguf_writer.py`` lists the keys and the differences.
 - **Chat format.** The template registry is the only source: ``tokenizer.chat_template`` is the
   format's inference template, EOS/EOT are its first stop token, ``add_bos_token`` is its BOS rule.
 - **Atomic.** The file is written to ``<out_file>.part`` and renamed; on any failure neither is left.
@@ -27,6 +32,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import math
 import os
@@ -39,6 +45,8 @@ import numpy as np
 
 from edgezh import templates
 from edgezh.errors import UserError
+from edgezh.gguf_meta import PRE_TOKENIZERS
+from edgezh.jsonl import read_json
 from edgezh.models.resolve import check_safetensors, read_config
 
 if TYPE_CHECKING:
@@ -46,45 +54,15 @@ if TYPE_CHECKING:
 
     from edgezh.export.lora import LoraAdapter
 
-__all__ = ["PRE_TOKENIZERS", "SUPPORTED_OUTTYPES", "convert", "identify_pre_tokenizer", "llama3_rope_factors"]
+__all__ = ["PRE_TOKENIZERS", "SUPPORTED_OUTTYPES", "convert", "hf_to_gguf_name", "identify_pre_tokenizer",
+           "llama3_rope_factors"]
 
 SUPPORTED_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
 _ROPE_TYPES = ("default", "llama3")
 _QUANT_CHUNK_VALUES = 1 << 22  # values encoded per chunk for Q8_0/BF16 (16 MiB of float32)
 
-# --- pre-tokenizers -------------------------------------------------------------------------------
-
-_LLAMA3_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-
-PRE_TOKENIZERS: dict[str, dict[str, Any]] = {
-    # Meta's Llama 3 tokenizer.json (and transformers' conversion of Meta's tiktoken file):
-    # Llama 3's split regex, then byte-level mapping without GPT-2's own regex.
-    "llama-bpe": {
-        "type": "Sequence",
-        "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": _LLAMA3_REGEX}, "behavior": "Isolated", "invert": False},
-            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
-        ],
-    },
-    # SmolLM/SmolLM2 on the hub: every digit on its own, then GPT-2's byte-level regex.
-    "smollm": {
-        "type": "Sequence",
-        "pretokenizers": [
-            {"type": "Digits", "individual_digits": True},
-            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
-        ],
-    },
-    # Plain GPT-2 byte-level regex. This is also what transformers builds when it imports a GGUF whose
-    # pre-tokenizer it has no regex for (e.g. SmolLM2's "smollm": the digit split is lost on import).
-    "gpt-2": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
-}
-"""llama.cpp pre-tokenizer name → the ``tokenizer.json`` ``pre_tokenizer`` definition that splits text the
-same way (compared after dropping ``trim_offsets``, which only affects offsets, and unwrapping one-element
-sequences). Complete definitions: the GGUF import in ``edgezh.models.base_stage`` installs them as they are."""
+# --- pre-tokenizers (the definitions live in edgezh.gguf_meta) ---------------------------------------
 
 _OFFSETS_ONLY_KEYS = {"trim_offsets"}
 
@@ -201,7 +179,8 @@ class _Vocab:
     merges: list[str]
     ids: dict[str, int]  # every token text → id
     bos_id: int | None
-    pad_text: str | None
+    unk_id: int | None
+    pad_id: int | None
 
 
 def _token_content(entry: Any) -> str | None:
@@ -212,14 +191,28 @@ def _token_content(entry: Any) -> str | None:
     return None
 
 
+def _special_id(kind: str, tokenizer_config: dict[str, Any], added: list[dict[str, Any]], config: dict[str, Any],
+                n_vocab: int) -> int | None:
+    """The id of special token `kind` ("bos", "unk", "pad") as llama.cpp's converter reads it (gguf-py's
+    ``SpecialVocab``): tokenizer_config.json's ``<kind>_token`` looked up among tokenizer.json's added tokens
+    (first match), else config.json's ``<kind>_token_id`` (or its ``text_config``'s). generation_config.json is
+    not read. An id outside the embedding is dropped (llama.cpp would ignore it with a warning)."""
+    text = _token_content(tokenizer_config.get(f"{kind}_token"))
+    found = next((entry.get("id") for entry in added if entry.get("content") == text), None) if text else None
+    if not isinstance(found, int):
+        found = config.get(f"{kind}_token_id")
+        if found is None and isinstance(config.get("text_config"), dict):
+            found = config["text_config"].get(f"{kind}_token_id")
+    if isinstance(found, bool) or not isinstance(found, int) or not 0 <= found < n_vocab:
+        return None
+    return found
+
+
 def _read_vocab(model_dir: Path, n_vocab: int, config: dict[str, Any]) -> _Vocab:
     import gguf
 
     path = model_dir / "tokenizer.json"
-    try:
-        tokenizer = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: not valid JSON ({exc})") from None
+    tokenizer = read_json(path)
     model = tokenizer.get("model") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback"):
         kind = f"{model.get('type')} model" + (" with byte fallback" if model.get("byte_fallback") else "")
@@ -259,16 +252,51 @@ def _read_vocab(model_dir: Path, n_vocab: int, config: dict[str, Any]) -> _Vocab
     tokenizer_config_path = model_dir / "tokenizer_config.json"
     tokenizer_config: dict[str, Any] = {}
     if tokenizer_config_path.is_file():
-        try:
-            tokenizer_config = json.loads(tokenizer_config_path.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise UserError(f"{tokenizer_config_path}: not valid JSON ({exc})") from None
-    bos_text = _token_content(tokenizer_config.get("bos_token"))
-    bos_id = ids.get(bos_text) if bos_text else None
-    if bos_id is None and isinstance(config.get("bos_token_id"), int):
-        bos_id = config["bos_token_id"]
-    return _Vocab(pre=pre, tokens=tokens, types=types, merges=merges, ids=ids, bos_id=bos_id,  # type: ignore[arg-type]
-                  pad_text=_token_content(tokenizer_config.get("pad_token")))
+        tokenizer_config = read_json(tokenizer_config_path)
+    added_tokens = [entry for entry in tokenizer.get("added_tokens") or [] if isinstance(entry, dict)]
+    special = {kind: _special_id(kind, tokenizer_config, added_tokens, config, n_vocab)
+               for kind in ("bos", "unk", "pad")}
+    return _Vocab(pre=pre, tokens=tokens, types=types, merges=merges, ids=ids,  # type: ignore[arg-type]
+                  bos_id=special["bos"], unk_id=special["unk"], pad_id=special["pad"])
+
+
+# --- tensor names ---------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _name_map(n_layers: int) -> Any:
+    import gguf
+
+    return gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+
+
+def _lookup(hf_tensor_name: str, n_layers: int) -> tuple[Any, str] | None:
+    """(gguf.MODEL_TENSOR kind, GGUF name) of an HF tensor by gguf-py's llama map, None if it has none."""
+    return _name_map(n_layers).get_type_and_name(hf_tensor_name, try_suffixes=(".weight", ".bias"))
+
+
+def _computed_by_llama_cpp(hf_tensor_name: str, n_layers: int) -> bool:
+    """A buffer llama.cpp computes itself (e.g. ``rotary_emb.inv_freq``): not written, and not an error."""
+    import gguf
+
+    found = _lookup(hf_tensor_name, n_layers)
+    return found is not None and found[0] in set(gguf.MODEL_TENSOR_SKIP.get(gguf.MODEL_ARCH.LLAMA, ()))
+
+
+def hf_to_gguf_name(hf_tensor_name: str, n_layers: int) -> str | None:
+    """The GGUF name of an HF Llama tensor (``model.layers.3.self_attn.q_proj.weight`` → ``blk.3.attn_q.weight``,
+    ``lm_head.weight`` → ``output.weight``), by gguf-py's tensor map for llama.cpp's ``llama`` architecture:
+    the one map the writer and the imatrix use. None for a tensor with no place in a llama GGUF and for buffers
+    llama.cpp computes itself (RoPE ``inv_freq``). Whether a tied model writes ``output.weight`` is the caller's
+    decision; ``rope_freqs`` is computed by the writer, never mapped from a source tensor."""
+    import gguf
+
+    found = _lookup(hf_tensor_name, n_layers)
+    if found is None or found[0] not in set(gguf.MODEL_TENSORS[gguf.MODEL_ARCH.LLAMA]):
+        return None
+    if found[0] in set(gguf.MODEL_TENSOR_SKIP.get(gguf.MODEL_ARCH.LLAMA, ())):
+        return None
+    return found[1]
 
 
 # --- tensors --------------------------------------------------------------------------------------
@@ -301,9 +329,9 @@ def _plan(model_dir: Path, hp: _Hparams, outtype: str) -> tuple[list[_Tensor], l
         raise UserError(f"{model_dir}: no *.safetensors weights")
     wanted = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
               "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[outtype]
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, hp.n_layers)
-    allowed = set(gguf.MODEL_TENSORS[gguf.MODEL_ARCH.LLAMA])
-    skipped_kinds = set(gguf.MODEL_TENSOR_SKIP.get(gguf.MODEL_ARCH.LLAMA, ()))
+    # Q/K (weights and biases) are permuted for RoPE: their GGUF names without the suffix → heads
+    permuted = {gguf.TENSOR_NAMES[kind].format(bid=layer): heads for layer in range(hp.n_layers)
+                for kind, heads in ((gguf.MODEL_TENSOR.ATTN_Q, hp.n_head), (gguf.MODEL_TENSOR.ATTN_K, hp.n_head_kv))}
 
     sources: dict[str, tuple[Path, list[int], dict]] = {}
     for shard in shards:
@@ -326,12 +354,11 @@ def _plan(model_dir: Path, hp: _Hparams, outtype: str) -> tuple[list[_Tensor], l
     for hf_name, (shard, shape, info) in sources.items():
         if hp.tied and hf_name == "lm_head.weight":
             continue  # tied: llama.cpp reuses token_embd; transformers ignores a stored copy as well
-        found = name_map.get_type_and_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if found is not None and found[0] in skipped_kinds:
+        name = hf_to_gguf_name(hf_name, hp.n_layers)
+        if name is None and _computed_by_llama_cpp(hf_name, hp.n_layers):
             continue  # e.g. rotary_emb.inv_freq buffers: llama.cpp computes RoPE itself
-        if found is None or found[0] not in allowed:
+        if name is None:
             raise UserError(f"{shard}: tensor {hf_name} has no place in a llama GGUF")
-        kind, name = found
         if len(shape) == 1:
             qtype = gguf.GGMLQuantizationType.F32
         elif wanted == gguf.GGMLQuantizationType.Q8_0 and shape[-1] % 32 != 0:
@@ -339,7 +366,7 @@ def _plan(model_dir: Path, hp: _Hparams, outtype: str) -> tuple[list[_Tensor], l
             fallbacks.append(name)
         else:
             qtype = wanted
-        heads = {gguf.MODEL_TENSOR.ATTN_Q: hp.n_head, gguf.MODEL_TENSOR.ATTN_K: hp.n_head_kv}.get(kind)
+        heads = permuted.get(name.rsplit(".", 1)[0])
         plan.append(_Tensor(hf_name, shard, name, tuple(shape), qtype, heads, info))
     # llama.cpp's order (its loader and quantizer use it too): file-wide tensors, then block by block
     plan.sort(key=lambda t: (int(t.name.split(".")[1]), t.name) if t.name.startswith("blk.") else (-1, t.name))
@@ -400,7 +427,7 @@ def convert(model_dir: Path, out_file: Path, outtype: str = "f16", *, template: 
             adapter: "LoraAdapter | None" = None) -> dict:
     """Write ``out_file`` (atomically: to out_file + '.part' then os.replace); return facts:
     {"outtype", "tensors", "bytes", "pre_tokenizer", "vocab_size", "bos_id", "eos_id", "eot_id", "stop_ids",
-    "add_bos", "rope_freqs": bool, "tied": bool, "pad_id", "f16_fallback": [GGUF names]}"""
+    "add_bos", "rope_freqs": bool, "tied": bool, "unk_id", "pad_id", "f16_fallback": [GGUF names]}"""
     import gguf
 
     model_dir, out_file = Path(model_dir), Path(out_file)
@@ -451,9 +478,8 @@ def convert(model_dir: Path, out_file: Path, outtype: str = "f16", *, template: 
     if add_bos and bos_id != vocab.ids[fmt.bos_token]:  # type: ignore[index]
         raise UserError(f"{model_dir}: the tokenizer's BOS (id {bos_id}) is not {fmt.bos_token}, which chat format "
                         f"{template!r} starts with")
-    pad_id = vocab.ids.get(vocab.pad_text) if vocab.pad_text else None
-    pre = vocab.pre
-    if pad_id in stop_ids:
+    unk_id, pad_id, pre = vocab.unk_id, vocab.pad_id, vocab.pre
+    if pad_id in stop_ids:  # a pad that ends generation (SmolLM2's <|im_end|>) is no pad; see _special_id
         pad_id = None
 
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -467,9 +493,8 @@ def convert(model_dir: Path, out_file: Path, outtype: str = "f16", *, template: 
         writer.add_feed_forward_length(hp.ff)
         writer.add_head_count(hp.n_head)
         writer.add_head_count_kv(hp.n_head_kv)
-        if hp.head_dim != hp.hidden // hp.n_head:
-            writer.add_key_length(hp.head_dim)
-            writer.add_value_length(hp.head_dim)
+        writer.add_key_length(hp.head_dim)  # as llama.cpp's converter: always (transformers' LlamaConfig has head_dim)
+        writer.add_value_length(hp.head_dim)
         writer.add_rope_dimension_count(hp.head_dim)
         writer.add_rope_freq_base(hp.rope_theta)
         writer.add_layer_norm_rms_eps(hp.rms_eps)
@@ -486,6 +511,8 @@ def convert(model_dir: Path, out_file: Path, outtype: str = "f16", *, template: 
             writer.add_bos_token_id(bos_id)
         writer.add_eos_token_id(eos_id)
         writer.add_eot_token_id(eos_id)
+        if unk_id is not None:
+            writer.add_unk_token_id(unk_id)
         if pad_id is not None:
             writer.add_pad_token_id(pad_id)
         writer.add_add_bos_token(add_bos)
@@ -524,6 +551,7 @@ def convert(model_dir: Path, out_file: Path, outtype: str = "f16", *, template: 
         "eot_id": eos_id,
         "stop_ids": stop_ids,
         "add_bos": add_bos,
+        "unk_id": unk_id,
         "pad_id": pad_id,
         "rope_freqs": hp.rope is not None,
         "tied": tied,
