@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from rich.markup import escape
 
 from edgezh import layout
 from edgezh.artifacts import Artifact
@@ -161,7 +162,7 @@ def choose(cfg: GGUFConfig, source: Path, inputs: dict[str, Artifact], out: Path
     keep = out / layout.gguf_name(name, layout.FIT_KIND)
     try:
         for index, c in enumerate(scored, 1):
-            with status(f"fit: {index}/{len(scored)} {c.label} ({human(c.size['bytes'])})"):
+            with status(f"fit: {index}/{len(scored)} {escape(c.label)} ({human(c.size['bytes'])})"):  # [..] is not markup
                 quantize(source, trial, c.base, **(matrix if c.imatrix else {}), **c.settings(cfg))
                 klds, same = [], []
                 with GGUFBackend(trial, n_ctx=n_ctx, name=c.label) as backend:
