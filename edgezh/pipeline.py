@@ -25,7 +25,7 @@ from edgezh import __version__
 from edgezh.errors import UserError
 from edgezh.artifacts import Artifact, PeakRSS, canonical_hash, commit, fresh_tmp, package_versions, read_manifest, swap_in
 from edgezh.recipe import Recipe
-from edgezh.stages import STAGES, StageSpec
+from edgezh.stages import STAGES, StageSpec, folder_name
 
 log = logging.getLogger("edgezh.pipeline")
 
@@ -122,7 +122,7 @@ def make_plan(recipe: Recipe, *, until: str | None = None, start: str | None = N
         raise PlanError(f"--from {start} comes after --until {until}")
     for s in enabled:
         index = names.index(s.name)
-        step = Step(s, root / f"{index + 1:02d}-{s.name}", s.config(recipe), [n for n in s.needs(recipe) if n in enabled_names])
+        step = Step(s, root / folder_name(s.name, stages), s.config(recipe), [n for n in s.needs(recipe) if n in enabled_names])
         if index > last:
             step.status = "skipped"
         elif not s.available:

@@ -51,6 +51,8 @@ STAGES: tuple[StageSpec, ...] = (
               "edgezh.models.base_stage", "resolve the base model into a safetensors folder with its chat format"),
     StageSpec("data", "data", lambda r: r.data is not None, lambda r: r.data, lambda r: ["base"],
               "edgezh.data.data_stage", "read, mix, split and encode the training data"),
+    StageSpec("pretrain", "pretrain", lambda r: getattr(r, "pretrain", None) is not None, lambda r: r.pretrain,
+              lambda r: ["base", "data"], None, "continued pre-training on raw text (every token trained)"),
     StageSpec("sft", "sft", lambda r: r.sft is not None, lambda r: r.sft, lambda r: ["base", "data"],
               "edgezh.train.sft_stage", "supervised fine-tuning (TRL; LoRA/QLoRA/full; DeepSpeed)"),
     StageSpec("dpo", "dpo", lambda r: r.dpo is not None, lambda r: r.dpo,
@@ -67,9 +69,16 @@ STAGES: tuple[StageSpec, ...] = (
               "edgezh.export.quantize_stage", "quantize with llama.cpp"),
     StageSpec("gptq", "export.gptq", lambda r: r.export.gptq is not None, lambda r: r.export.gptq,
               lambda r: _weights(r) + ["data"], "edgezh.export.gptq_stage", "4-bit GPTQ with GPTQModel"),
+    StageSpec("adapter", "export.adapter", lambda r: False, lambda r: None,
+              lambda r: ["base", "gguf"], None, "the LoRA adapter as a GGUF (llama.cpp --lora, Ollama ADAPTER)"),
     StageSpec("modelfile", "modelfile", lambda r: r.modelfile is not None, lambda r: r.modelfile,
               lambda r: ["base", "gguf"] + (["quantize"] if _quantized(r) else []),
               "edgezh.export.modelfile_stage", "Ollama Modelfiles"),
     StageSpec("eval", "eval", lambda r: r.eval is not None, lambda r: r.eval,
               lambda r: [s.name for s in STAGES[:-1] if s.enabled(r)], "edgezh.eval.eval_stage", "quality report"),
 )
+
+
+def folder_name(name: str, stages: tuple[StageSpec, ...] = STAGES) -> str:
+    """A stage's folder in its build: ``NN-name``, NN its place in the table (fixed, whether enabled or not)."""
+    return f"{[s.name for s in stages].index(name) + 1:02d}-{name}"

@@ -14,6 +14,7 @@ import pytest
 from conftest import FIXTURES, QUICKSTART, TINY_RECIPE
 from edgezh.cli import main
 from edgezh.eval.report import SECTIONS
+from edgezh.stages import folder_name
 
 EVAL = ["eval.texts=[hsk]", "eval.max_tokens=300", "eval.context_length=96", "eval.stride=48",
         "eval.multiple_choice=[{builtin: hsk-translate, max_questions: 2, shots: [0, 5]}]", "eval.mc_max_length=512",
@@ -56,16 +57,16 @@ def built(exported: Path) -> dict:
     root = exported
     assert _build(root) == 0
     build = root / "tiny-llama3"
-    eval_dir = build / "11-eval"
+    eval_dir = build / folder_name("eval")
     return {
         "build": build,
         "report": (build / "report.md").read_text(encoding="utf-8"),
         "artifact_report": (eval_dir / "report.md").read_text(encoding="utf-8"),
         "manifest": json.loads((eval_dir / "manifest.json").read_text(encoding="utf-8")),
         "results": json.loads((build / "report" / "results.json").read_text(encoding="utf-8")),
-        "quantize": json.loads((build / "08-quantize" / "manifest.json").read_text(encoding="utf-8")),
-        "gguf": json.loads((build / "06-gguf" / "manifest.json").read_text(encoding="utf-8")),
-        "modelfile": json.loads((build / "10-modelfile" / "manifest.json").read_text(encoding="utf-8")),
+        "quantize": json.loads((build / folder_name("quantize") / "manifest.json").read_text(encoding="utf-8")),
+        "gguf": json.loads((build / folder_name("gguf") / "manifest.json").read_text(encoding="utf-8")),
+        "modelfile": json.loads((build / folder_name("modelfile") / "manifest.json").read_text(encoding="utf-8")),
     }
 
 
@@ -143,7 +144,7 @@ def test_impossible_gate_fails_the_build_and_keeps_the_report(built, capsys) -> 
     assert re.search(r"^\| max_kld \| q8_0 \| [\d.e-]+ \| 1e-12 \| \*\*FAIL\*\* \|$", _section(report, "Gates"), re.M)
     gates = json.loads((build / "report" / "results.json").read_text(encoding="utf-8"))["gates"]
     assert {g["variant"] for g in gates if not g["passed"]} == {"q4_k_m", "q8_0"}
-    assert not (build / "11-eval").exists() and not (build / "11-eval.tmp").exists()
+    assert not (build / folder_name("eval")).exists() and not (build / (folder_name("eval") + ".tmp")).exists()
     # relaxing the gate evaluates again (nothing stale is cached) and the root report passes
     assert _build(build.parent, *QUICK, "eval.gates.max_kld=10") == 0
     report = (build / "report.md").read_text(encoding="utf-8")
@@ -167,8 +168,8 @@ def quickstart(tmp_path_factory) -> dict:
     assert main(["build", str(QUICKSTART), f"output.root={root}", *QUICKSTART_SMALL]) == 0
     build = root / "quickstart"
     return {"build": build, "root": root, "report": (build / "report.md").read_text(encoding="utf-8"),
-            "info": json.loads((build / "11-eval" / "manifest.json").read_text(encoding="utf-8"))["info"],
-            "modelfile": json.loads((build / "10-modelfile" / "manifest.json").read_text(encoding="utf-8"))["info"]}
+            "info": json.loads((build / folder_name("eval") / "manifest.json").read_text(encoding="utf-8"))["info"],
+            "modelfile": json.loads((build / folder_name("modelfile") / "manifest.json").read_text(encoding="utf-8"))["info"]}
 
 
 def test_quickstart_report_has_every_section_with_every_variant(quickstart) -> None:
@@ -178,7 +179,7 @@ def test_quickstart_report_has_every_section_with_every_variant(quickstart) -> N
     assert positions == sorted(positions)
 
     built = _section(report, "What was built")
-    for folder in ("01-base", "02-data", "03-sft", "04-dpo", "05-merge", "06-gguf", "07-imatrix", "08-quantize", "09-gptq", "10-modelfile"):
+    for folder in map(folder_name, ("base", "data", "sft", "dpo", "merge", "gguf", "imatrix", "quantize", "gptq", "modelfile")):
         assert f"| `{folder}` |" in built, folder
     assert "group_size=64" in built
 
@@ -220,4 +221,4 @@ def test_quickstart_with_an_impossible_gate_fails_and_keeps_its_report(quickstar
     assert re.search(r"gptq: top-1 agreement vs f16 0\.\d+ below min_top1 1\b", err), err[-2000:]
     report = (build / "report.md").read_text(encoding="utf-8")
     assert report.startswith("# quickstart: quality report\n\n**Gates: FAILED**")
-    assert "## Perplexity" in report and not (build / "11-eval").exists()
+    assert "## Perplexity" in report and not (build / folder_name("eval")).exists()

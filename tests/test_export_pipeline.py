@@ -12,6 +12,7 @@ import pytest
 from conftest import TINY_RECIPE, run_cli
 from edgezh import templates
 from edgezh.cli import main
+from edgezh.stages import folder_name
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +48,12 @@ def test_modelfile_comes_from_the_registry(tiny_build: Path) -> None:
 
 
 def test_quantize_records_types_sizes_and_no_fallback_for_256_multiples(tiny_build: Path) -> None:
-    manifest = json.loads((tiny_build / "08-quantize" / "manifest.json").read_text(encoding="utf-8"))
+    manifest = json.loads((tiny_build / folder_name("quantize") / "manifest.json").read_text(encoding="utf-8"))
     quants = manifest["info"]["quants"]
     assert set(quants) == {"q4_k_m", "q8_0"}
     assert "Q4_K" in quants["q4_k_m"]["tensor_types"] and quants["q4_k_m"]["fallback"] == []
     assert set(quants["q8_0"]["tensor_types"]) <= {"Q8_0", "F32"}
-    f16 = (tiny_build / "06-gguf" / "tiny-llama3-f16.gguf").stat().st_size
+    f16 = (tiny_build / folder_name("gguf") / "tiny-llama3-f16.gguf").stat().st_size
     assert quants["q4_k_m"]["bytes"] < quants["q8_0"]["bytes"] < f16
     # llama.cpp's q4_k_m mix keeps output.weight in Q6_K; in this tiny model the two 128256×256
     # embedding matrices are 98% of the weights, so the file averages between 4.5 and 6.56 bits.

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+from edgezh.stages import folder_name
 
 from conftest import run_cli
 
@@ -46,13 +47,13 @@ def build(tmp_path_factory) -> Path:
 
 def test_report_compares_imatrix_with_plain_and_shows_the_fit(build: Path) -> None:
     report = (build / "report.md").read_text(encoding="utf-8")
-    info = manifest(build, "11-eval")["info"]
+    info = manifest(build, folder_name("eval"))["info"]
     plain, with_matrix = info["kld"]["variants"]["q4_k_m-plain"]["all"], info["kld"]["variants"]["q4_k_m"]["all"]
     section = report[report.index("### Importance matrix"):report.index("### Fit to a size budget")]
     assert "`tq.imatrix.gguf`: 4 chunks of 256 tokens of peoples-daily, 15 weights" in section
     assert re.search(rf"^\| q4_k_m \| {plain['mean']:.5f} \| {with_matrix['mean']:.5f} \| "
                      rf"{with_matrix['mean'] / plain['mean']:.2f}× \|", section, re.M), section
-    fit = manifest(build, "08-quantize")["info"]["fit"]
+    fit = manifest(build, folder_name("quantize"))["info"]["fit"]
     tail = report[report.index("### Fit to a size budget"):]
     assert f"Kept as `fit`: **{fit['chosen']['label']}**" in tail and "given as 80MB" in tail
     scored = [c for c in fit["candidates"] if c.get("kld") is not None]
@@ -66,8 +67,8 @@ def test_report_compares_imatrix_with_plain_and_shows_the_fit(build: Path) -> No
 def test_imatrix_stage_writes_llama_cpp_imatrix_gguf(build: Path) -> None:
     from edgezh.export import imatrix
 
-    info = manifest(build, "07-imatrix")["info"]
-    data = imatrix.read(build / "07-imatrix" / info["file"])
+    info = manifest(build, folder_name("imatrix"))["info"]
+    data = imatrix.read(build / folder_name("imatrix") / info["file"])
     assert info["file"] == "tq.imatrix.gguf" and data.datasets == ["peoples-daily"]
     # every linear layer of the 2 blocks (q k v o gate up down) and the untied head, by GGUF name
     expected = {f"blk.{i}.{t}.weight" for i in range(2) for t in
@@ -80,12 +81,12 @@ def test_imatrix_stage_writes_llama_cpp_imatrix_gguf(build: Path) -> None:
 def test_quants_carry_the_imatrix_and_the_plain_twin_does_not(build: Path) -> None:
     from edgezh.export.quantize import describe
 
-    quants = manifest(build, "08-quantize")["info"]["quants"]
+    quants = manifest(build, folder_name("quantize"))["info"]["quants"]
     assert set(quants) == {"q4_k_m", "iq4_xs", "iq3_m", "q4_k_m-plain", "fit"}
-    with_matrix = describe(build / "08-quantize" / quants["q4_k_m"]["file"], "q4_k_m")
+    with_matrix = describe(build / folder_name("quantize") / quants["q4_k_m"]["file"], "q4_k_m")
     assert with_matrix["imatrix"] == {"file": "tq.imatrix.gguf", "dataset": "peoples-daily", "entries_count": 15,
                                       "chunks_count": 4}
-    plain = describe(build / "08-quantize" / quants["q4_k_m-plain"]["file"], "q4_k_m")
+    plain = describe(build / folder_name("quantize") / quants["q4_k_m-plain"]["file"], "q4_k_m")
     assert "imatrix" not in plain and quants["q4_k_m-plain"]["imatrix"] is False and quants["q4_k_m"]["imatrix"] is True
     assert quants["q4_k_m-plain"]["file"] == "tq-q4_k_m-plain.gguf"
 
@@ -94,7 +95,7 @@ def test_tensor_types_reach_every_quant(build: Path) -> None:
     from gguf import GGUFReader
 
     for kind in ("q4_k_m", "iq4_xs", "q4_k_m-plain"):
-        reader = GGUFReader(build / "08-quantize" / f"tq-{kind}.gguf")
+        reader = GGUFReader(build / folder_name("quantize") / f"tq-{kind}.gguf")
         types = {t.name: t.tensor_type.name for t in reader.tensors}
         assert {types[f"blk.{i}.ffn_down.weight"] for i in range(2)} == {"Q8_0"}, kind
         assert types["blk.0.ffn_up.weight"] != "Q8_0"
@@ -106,16 +107,16 @@ def test_iq_types_load_in_llama_cpp_and_generate(build: Path, kind: str) -> None
 
     from edgezh.export.quantize import describe
 
-    facts = describe(build / "08-quantize" / f"tq-{kind}.gguf", kind)
+    facts = describe(build / folder_name("quantize") / f"tq-{kind}.gguf", kind)
     main = "IQ4_XS" if kind == "iq4_xs" else "IQ3_S"
     assert main in facts["tensor_types"] and facts["fallback"] == []
-    llm = llama_cpp.Llama(str(build / "08-quantize" / f"tq-{kind}.gguf"), n_ctx=128, verbose=False)
+    llm = llama_cpp.Llama(str(build / folder_name("quantize") / f"tq-{kind}.gguf"), n_ctx=128, verbose=False)
     out = llm.create_completion("你好", max_tokens=8, temperature=0.0)
     assert out["usage"]["completion_tokens"] > 0
 
 
 def test_fit_keeps_the_lowest_kld_mix_that_fits(build: Path) -> None:
-    info = manifest(build, "08-quantize")["info"]
+    info = manifest(build, folder_name("quantize"))["info"]
     fit = info["fit"]
     assert fit["budget"] == 80_000_000 and fit["text"]["tokens"] > 0
     candidates = fit["candidates"]
@@ -125,7 +126,7 @@ def test_fit_keeps_the_lowest_kld_mix_that_fits(build: Path) -> None:
     assert len(scored) == 2 and all(c["bytes"] <= fit["budget"] and c["same_as"] is None for c in scored)
     chosen = fit["chosen"]
     assert chosen["kld"] == min(c["kld"] for c in scored)
-    file = build / "08-quantize" / "tq-fit.gguf"
+    file = build / folder_name("quantize") / "tq-fit.gguf"
     assert file.stat().st_size == chosen["bytes"] == info["quants"]["fit"]["bytes"] <= fit["budget"]
     assert info["quants"]["fit"]["mix"] == chosen["label"]
     text = (build / "export" / "Modelfile.fit").read_text(encoding="utf-8")
@@ -134,7 +135,7 @@ def test_fit_keeps_the_lowest_kld_mix_that_fits(build: Path) -> None:
 
 def test_dry_run_sizes_are_the_real_sizes(build: Path) -> None:
     """Every candidate is sized by llama.cpp's dry run; the two that were written match to the byte."""
-    info = manifest(build, "08-quantize")["info"]
+    info = manifest(build, folder_name("quantize"))["info"]
     sizes = {c["label"]: c["bytes"] for c in info["fit"]["candidates"]}
     assert sizes["q4_k_m+imatrix"] == info["quants"]["q4_k_m"]["bytes"]
     assert sizes["q4_k_m"] == info["quants"]["q4_k_m-plain"]["bytes"]
@@ -159,16 +160,16 @@ def test_recipe_refuses_before_anything_runs(tmp_path: Path, extra: str, path: s
 
 
 def test_quantize_command_with_imatrix_and_refusal(build: Path, tmp_path: Path) -> None:
-    source = build / "06-gguf" / "tq-f16.gguf"
+    source = build / folder_name("gguf") / "tq-f16.gguf"
     refused = run_cli("quantize", str(source), "iq4_xs", "-o", str(tmp_path), cwd=tmp_path)
     assert refused.returncode == 2 and "iq4_xs" in refused.stderr and "imatrix" in refused.stderr
     assert "Traceback" not in refused.stderr and not list(tmp_path.glob("*.gguf"))
-    sized = run_cli("quantize", str(source), "iq4_xs", "--imatrix", str(build / "07-imatrix" / "tq.imatrix.gguf"),
+    sized = run_cli("quantize", str(source), "iq4_xs", "--imatrix", str(build / folder_name("imatrix") / "tq.imatrix.gguf"),
                     "--tensor-type", "ffn_down=q8_0", "--dry-run", "-o", str(tmp_path), cwd=tmp_path)
     assert sized.returncode == 0, sized.stderr
     would = float(re.search(r"would be ([\d.]+) MiB", sized.stdout).group(1))
     assert not list(tmp_path.glob("*.gguf"))
-    made = run_cli("quantize", str(source), "iq4_xs", "--imatrix", str(build / "07-imatrix" / "tq.imatrix.gguf"),
+    made = run_cli("quantize", str(source), "iq4_xs", "--imatrix", str(build / folder_name("imatrix") / "tq.imatrix.gguf"),
                    "--tensor-type", "ffn_down=q8_0", "-o", str(tmp_path), cwd=tmp_path)
     assert made.returncode == 0, made.stderr
     written = tmp_path / "tq-iq4_xs.gguf"
