@@ -96,7 +96,9 @@ def hash_outputs(folder: Path) -> tuple[dict[str, str], dict[str, int]]:
 
 
 class PeakRSS:
-    """Samples this process's (and its children's) resident memory while a stage runs."""
+    """Samples the resident memory of this process and its children while a stage runs: the RSS alone, or,
+    once there are children (forked workers share their parent's pages), the sum of every process's PSS,
+    which counts a shared page once."""
 
     def __init__(self, interval: float = 0.05):
         self.interval = interval
@@ -106,10 +108,13 @@ class PeakRSS:
 
     def _sample(self) -> int:
         proc = psutil.Process()
-        total = proc.memory_info().rss
-        for child in proc.children(recursive=True):
+        children = proc.children(recursive=True)
+        if not children:
+            return proc.memory_info().rss
+        total = 0
+        for each in (proc, *children):
             try:
-                total += child.memory_info().rss
+                total += _pss(each)
             except psutil.Error:
                 continue
         return total
@@ -128,6 +133,13 @@ class PeakRSS:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, self._sample())
+
+
+def _pss(proc: psutil.Process) -> int:
+    try:
+        return proc.memory_full_info().pss
+    except (AttributeError, psutil.AccessDenied):
+        return proc.memory_info().rss
 
 
 def fresh_tmp(final: Path) -> Path:

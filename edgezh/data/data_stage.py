@@ -21,25 +21,26 @@ stop token; see `edgezh.data.encode.choose_pad`) and ``max_length`` for the trai
 
 from __future__ import annotations
 
-import json
 import logging
-import random
+import shutil
 from collections import Counter
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
+
 from edgezh.artifacts import Artifact
-from edgezh.data import mix, sources
-from edgezh.data.conversation import Conversation, Pair, RecordError
-from edgezh.data.encode import Encoded, Encoder
+from edgezh.data import mix, shards, sources
+from edgezh.data.encode import Encoder
 from edgezh.data.problems import Problems
+from edgezh.data.stream import Context, Index, Workers, read_source
 from edgezh.data.stats import length_histogram, summary, write_json
 from edgezh.errors import UserError
 from edgezh.layout import model_dir
 from edgezh.progress import status
 from edgezh.recipe import DataConfig
 
-VERSION = "1"
+VERSION = "2"  # 2: streaming; held-out split by record hash; text blocks
 log = logging.getLogger("edgezh.data")
 
 
@@ -70,76 +71,71 @@ def source_names(cfg: DataConfig) -> list[str]:
     return names
 
 
+KINDS = ("sft", "pairs", "text")
+OUTPUTS = {"sft": ("train", "eval"), "pairs": ("pairs_train", "pairs_eval"), "text": ("text_train", "text_eval")}
+
+
 def run(cfg: DataConfig, inputs: dict[str, Artifact], out: Path) -> dict:
     base = inputs["base"]
     template = base.info["template"]
     with status(f"tokenizer and {template} chat format"):
         encoder = Encoder(model_dir(base), template, cfg.loss_scale)
-    control = encoder.control_tokens()
     problems = Problems(cfg.on_error)
     names = source_names(cfg)
     configs = dict(zip(names, cfg.sources))
-
-    loaded: dict[str, sources.Loaded] = {}
-    for name, source in configs.items():
-        with status(f"reading {name}"):
-            loaded[name] = sources.load(source, name, encoder.format, control, problems, cfg.seed)
+    scratch = out / ".pass1"
+    scratch.mkdir()
+    workers = Workers(Context(encoder, encoder.control_tokens(), cfg.max_length, cfg.too_long))
+    seen = {kind: mix.Seen(scratch) if cfg.dedup else None for kind in KINDS}
+    indexes: dict[str, Index] = {}
+    try:
+        for number, (name, source) in enumerate(configs.items()):
+            fmt, records = sources.items(source, name, encoder.format.default_system, cfg.seed)
+            with status(f"reading and encoding {name}") as line:
+                indexes[name] = read_source(workers, name, fmt, records, scratch / f"{number}.arrow",
+                                            seen[sources.kind_of(fmt)], problems,
+                                            on_read=lambda index, line=line: line.update(f"reading and encoding {index.name}: "
+                                                                                          f"{index.read:,} record(s)"))
+    finally:
+        workers.close()
+        for s in seen.values():
+            if s is not None:
+                s.close()
     problems.check("reading the data")
-
-    pools, duplicates, seen = {}, {}, {"sft": set(), "pairs": set()}
-    for name, part in loaded.items():
-        pools[name], duplicates[name] = mix.dedup(part.records, seen[part.kind]) if cfg.dedup else (part.records, 0)
-    if not any(pools.values()):
-        raise UserError(_nothing_left(loaded, problems, "no usable records in any data source"))
+    if not any(index.available for index in indexes.values()):
+        raise UserError(_nothing_left(indexes, problems, "no usable records in any data source"))
 
     wanted: dict[str, int] = {}
-    for kind in ("sft", "pairs"):
-        group = [n for n in names if loaded[n].kind == kind]
-        wanted.update(mix.counts({n: pools[n] for n in group}, {n: configs[n] for n in group}))
-
-    stats, drawn = {}, {}
+    for kind in KINDS:
+        group = [n for n in names if indexes[n].kind == kind]
+        wanted.update(mix.counts({n: indexes[n].available for n in group}, {n: configs[n] for n in group}))
+    stats, chosen = {}, {}
     for name in names:
-        part, pool, config = loaded[name], pools[name], configs[name]
-        stats[name] = entry = _source_stats(part, duplicates[name], wanted[name])
-        n_eval = mix.held_out(wanted[name], cfg.eval_ratio)
-        if config.replace:
-            n_eval = min(n_eval, max(len(pool) - 1, 0))
-        accept = (_sft_acceptor if part.kind == "sft" else _pair_acceptor)(cfg, encoder, pool, entry, problems)
-        with status(f"{'encoding' if part.kind == 'sft' else 'measuring'} {name}: {wanted[name]} record(s)"):
-            drawn[name] = dict(zip(("train", "eval"), mix.draw(pool, wanted[name], n_eval, config.replace,
-                                                               random.Random(f"{cfg.seed}:{name}"), accept)))
-        _count(entry, drawn[name], part.kind)
-    problems.check("encoding the data")
-    for name in names:
-        stats[name]["skipped"] = problems.skipped(name)
+        index, config = indexes[name], configs[name]
+        keys = np.frombuffer(index.keys, dtype=np.uint64) if len(index) else np.zeros(0, np.uint64)
+        train, held = mix.select(keys, min(wanted[name], len(index)) if not config.replace else wanted[name],
+                                 cfg.eval_ratio, config.replace, cfg.seed, name)
+        chosen[name] = {"train": train, "eval": held}
+        stats[name] = _source_stats(index, wanted[name], chosen[name], problems)
 
-    sft = [n for n in names if loaded[n].kind == "sft"]
-    prefs = [n for n in names if loaded[n].kind == "pairs"]
-    train = mix.shuffled([item for n in sft for item in drawn[n]["train"]], cfg.seed, "train")
-    held = mix.shuffled([item for n in sft for item in drawn[n]["eval"]], cfg.seed, "eval")
-    pairs_train = mix.shuffled([p for n in prefs for p, _ in drawn[n]["train"]], cfg.seed, "pairs_train")
-    pairs_eval = mix.shuffled([p for n in prefs for p, _ in drawn[n]["eval"]], cfg.seed, "pairs_eval")
-    _check_left(stats, train, pairs_train, cfg.max_length)
-
+    facts = {"template": template, "max_length": cfg.max_length, "pad_token_id": encoder.pad.token_id,
+             "pad_token": encoder.pad.token, "pad_token_reason": encoder.pad.reason, "seed": cfg.seed}
+    totals = _totals(stats)
+    _check_left(stats, totals, cfg.max_length)
     with status("writing train/eval files"):
-        _write_jsonl(out / "train.jsonl", [c.to_json() for c, _ in train])
-        _write_jsonl(out / "eval.jsonl", [c.to_json() for c, _ in held])
-        _write_parquet(out / "train.parquet", train)
-        _write_parquet(out / "eval.parquet", held)
-        _write_jsonl(out / "pairs_train.jsonl", [p.to_json() for p in pairs_train])
-        _write_jsonl(out / "pairs_eval.jsonl", [p.to_json() for p in pairs_eval])
-        length_histogram(out / "lengths.png", {n: [len(e) for split in ("train", "eval") for _, e in drawn[n][split]]
-                                               for n in sft}, cfg.max_length)
-
-    totals = _totals(stats, train, held, pairs_train, pairs_eval)
-    pad = encoder.pad
-    facts = {"template": template, "max_length": cfg.max_length, "pad_token_id": pad.token_id, "pad_token": pad.token,
-             "pad_token_reason": pad.reason, "seed": cfg.seed}
+        blocks = _write(out, cfg, indexes, chosen)
+        length_histogram(out / "lengths.png", {n: _lengths(indexes[n], chosen[n]) for n in names if indexes[n].kind == "sft"},
+                         cfg.max_length)
+    if blocks is not None:
+        facts["end_of_text"] = encoder.end_of_text[0]
+        totals.update(blocks)
+    shutil.rmtree(scratch)
     write_json(out / "stats.json", {**facts, "sources": stats, "totals": totals,
-                                    "lengths": {"train": summary([len(e) for _, e in train]),
-                                                "eval": summary([len(e) for _, e in held])}})
-    log.info("data: %d train, %d eval, %d + %d pairs, %d skipped, %d duplicates", len(train), len(held),
-             len(pairs_train), len(pairs_eval), totals["skipped"], totals["duplicates"])
+                                    "lengths": {split: summary(np.concatenate([_lengths(indexes[n], chosen[n], split) for n in names
+                                                                               if indexes[n].kind == "sft"] or [[]]))
+                                                for split in ("train", "eval")}})
+    log.info("data: %d train, %d eval, %d + %d pairs, %d skipped, %d duplicates", totals["train"], totals["eval"],
+             totals["pairs_train"], totals["pairs_eval"], totals["skipped"], totals["duplicates"])
     return {**facts, **totals,
             "sources": {n: {k: stats[n][k] for k in ("kind", "format", "read", "skipped", "duplicates", "train", "eval", "too_long")}
                         for n in names}}
@@ -148,91 +144,68 @@ def run(cfg: DataConfig, inputs: dict[str, Artifact], out: Path) -> dict:
 # ---------------------------------------------------------------- steps
 
 
-def _source_stats(part: sources.Loaded, duplicates: int, wanted: int) -> dict:
-    return {"kind": part.kind, "format": part.format, "read": part.read, "valid": len(part.records),
-            "skipped": {}, "duplicates": duplicates, "requested": wanted, "short": 0,
-            "train": 0, "eval": 0, "too_long": {"dropped": 0, "truncated": 0},
-            "tokens": {"train": 0, "eval": 0}, "trained_tokens": {"train": 0, "eval": 0}}
+def _lengths(index: Index, chosen: dict, split: str | None = None) -> np.ndarray:
+    lengths = np.frombuffer(index.a, dtype=np.int32) if len(index) else np.zeros(0, np.int32)
+    rows = [chosen[s] for s in ((split,) if split else ("train", "eval"))]
+    return lengths[np.concatenate(rows)] if rows else np.zeros(0, np.int32)
 
 
-def _count(entry: dict, drawn: dict, kind: str) -> None:
+def _source_stats(index: Index, wanted: int, chosen: dict, problems: Problems) -> dict:
+    a = np.frombuffer(index.a, dtype=np.int32).astype(np.int64) if len(index) else np.zeros(0, np.int64)
+    b = np.frombuffer(index.b, dtype=np.int32).astype(np.int64) if len(index) else np.zeros(0, np.int64)
+    entry = {"kind": index.kind, "format": index.format, "read": index.read, "valid": index.valid,
+             "skipped": problems.skipped(index.name), "duplicates": index.duplicates, "requested": wanted,
+             "too_long": {"dropped": index.dropped, "truncated": index.truncated}}
+    tokens = a + b if index.kind == "pairs" else a
     for split in ("train", "eval"):
-        entry[split] = len(drawn[split])
-        entry["tokens"][split] = sum(len(e) if kind == "sft" else sum(e) for _, e in drawn[split])
-        entry["trained_tokens"][split] = sum(e.trained for _, e in drawn[split]) if kind == "sft" else 0
-    entry["short"] = max(0, entry["requested"] - entry["train"] - entry["eval"])
+        rows = chosen[split]
+        entry[split] = int(len(rows))
+        entry.setdefault("tokens", {})[split] = int(tokens[rows].sum())
+        entry.setdefault("trained_tokens", {})[split] = int(b[rows].sum()) if index.kind == "sft" else (
+            int(tokens[rows].sum()) if index.kind == "text" else 0)
+    entry["short"] = max(0, wanted - entry["train"] - entry["eval"])
+    return entry
 
 
-def _sft_acceptor(cfg: DataConfig, encoder: Encoder, pool: list[Conversation], entry: dict, problems: Problems):
-    """``accept(i)``: pool[i] encoded and put through the length rule → (conversation, Encoded) or None."""
-    cache: dict[int, tuple[Conversation, Encoded] | None] = {}
-
-    def accept(i: int):
-        if i in cache:
-            return cache[i]
-        conversation = pool[i]
-        cache[i] = None
-        try:
-            item = encoder.encode(conversation)
-        except RecordError as exc:
-            problems.add(conversation.source, conversation.origin, exc.reason, exc.detail)
-            return None
-        if len(item) > cfg.max_length:
-            item = item.truncated(cfg.max_length) if cfg.too_long == "truncate" else None
-            if item is None or item.trained == 0:
-                entry["too_long"]["dropped"] += 1
-                return None
-            entry["too_long"]["truncated"] += 1
-        cache[i] = (conversation, item)
-        return cache[i]
-
-    return accept
+def _write(out: Path, cfg: DataConfig, indexes: dict[str, Index], chosen: dict) -> dict | None:
+    """Every output file; for text sources, the block counts."""
+    blocks = None
+    for kind in KINDS:
+        group = [n for n in indexes if indexes[n].kind == kind]
+        for split, stem in zip(("train", "eval"), OUTPUTS[kind]):
+            parts = [(indexes[n], chosen[n][split]) for n in group]
+            order = mix.shuffled(sum(len(rows) for _, rows in parts), cfg.seed, stem)
+            if kind == "sft":
+                shards.write_examples(out, stem, parts, order)
+            elif kind == "pairs":
+                shards.write_records(out / f"{stem}.jsonl", parts, order)
+            elif group:
+                made = shards.write_blocks(out / f"{stem}.parquet", parts, order, cfg.max_length)
+                blocks = (blocks or {}) | {stem: made["blocks"], f"{stem.replace('text_', 'text_tokens_')}": made["tokens"]}
+    return blocks
 
 
-def _pair_acceptor(cfg: DataConfig, encoder: Encoder, pool: list[Pair], entry: dict, problems: Problems):
-    """``accept(i)``: pool[i] rendered (a template check) and measured → (pair, (chosen, rejected) tokens) or None."""
-    cache: dict[int, tuple[Pair, tuple[int, int]] | None] = {}
-
-    def accept(i: int):
-        if i in cache:
-            return cache[i]
-        pair = pool[i]
-        cache[i] = None
-        try:
-            lengths = (encoder.length(pair.prompt + pair.chosen), encoder.length(pair.prompt + pair.rejected))
-        except RecordError as exc:
-            problems.add(pair.source, pair.origin, exc.reason, exc.detail)
-            return None
-        if max(lengths) > cfg.max_length:
-            if cfg.too_long == "drop":
-                entry["too_long"]["dropped"] += 1
-                return None
-            entry["too_long"]["truncated"] += 1
-        cache[i] = (pair, lengths)
-        return cache[i]
-
-    return accept
-
-
-def _nothing_left(loaded, problems: Problems, headline: str) -> str:
-    parts = [f"{n}: {p.read} read, {sum(problems.counts[n].values())} malformed" for n, p in loaded.items()]
+def _nothing_left(indexes: dict[str, Index], problems: Problems, headline: str) -> str:
+    parts = [f"{n}: {p.read} read, {sum(problems.counts[n].values())} malformed" for n, p in indexes.items()]
     return f"{headline} ({'; '.join(parts)})"
 
 
-def _check_left(stats: dict, train, pairs_train, max_length: int) -> None:
+def _check_left(stats: dict, totals: dict, max_length: int) -> None:
     """A kind whose sources had records but kept no training example (all too long) is an error."""
-    for kind, left, what in (("sft", train, "SFT examples"), ("pairs", pairs_train, "preference pairs")):
+    for kind, left, what in (("sft", "train", "SFT examples"), ("pairs", "pairs_train", "preference pairs")):
         entries = [e for e in stats.values() if e["kind"] == kind and e["requested"]]
-        if entries and not left:
+        if entries and not totals[left]:
             dropped = sum(e["too_long"]["dropped"] for e in entries)
             raise UserError(f"no training {what} left: {dropped} were longer than data.max_length={max_length} "
                             "(and none fit); raise max_length, or use too_long: truncate")
 
 
-def _totals(stats: dict, train, held, pairs_train, pairs_eval) -> dict:
+def _totals(stats: dict) -> dict:
     skipped = Counter()
     for entry in stats.values():
         skipped.update(entry["skipped"])
+    of = lambda kind, key: sum(e[key] for e in stats.values() if e["kind"] == kind)  # noqa: E731
+    tokens = lambda kind, key, split: sum(e[key][split] for e in stats.values() if e["kind"] == kind)  # noqa: E731
     return {
         "read": sum(e["read"] for e in stats.values()),
         "skipped": sum(skipped.values()),
@@ -240,27 +213,8 @@ def _totals(stats: dict, train, held, pairs_train, pairs_eval) -> dict:
         "duplicates": sum(e["duplicates"] for e in stats.values()),
         "too_long_dropped": sum(e["too_long"]["dropped"] for e in stats.values()),
         "too_long_truncated": sum(e["too_long"]["truncated"] for e in stats.values()),
-        "train": len(train), "eval": len(held), "pairs_train": len(pairs_train), "pairs_eval": len(pairs_eval),
-        "tokens_train": sum(len(e) for _, e in train), "tokens_eval": sum(len(e) for _, e in held),
-        "trained_tokens_train": sum(e.trained for _, e in train), "trained_tokens_eval": sum(e.trained for _, e in held),
+        "train": of("sft", "train"), "eval": of("sft", "eval"), "pairs_train": of("pairs", "train"), "pairs_eval": of("pairs", "eval"),
+        "tokens_train": tokens("sft", "tokens", "train"), "tokens_eval": tokens("sft", "tokens", "eval"),
+        "trained_tokens_train": tokens("sft", "trained_tokens", "train"), "trained_tokens_eval": tokens("sft", "trained_tokens", "eval"),
+        "documents_train": of("text", "train"), "documents_eval": of("text", "eval"),
     }
-
-
-# ---------------------------------------------------------------- files
-
-
-def _write_jsonl(path: Path, records: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8", newline="\n") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n")
-
-
-def _write_parquet(path: Path, items: list[tuple[Conversation, Encoded]]) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
-                        ("loss_scale", pa.list_(pa.float32())), ("source", pa.string())])
-    table = pa.table({"input_ids": [e.input_ids for _, e in items], "labels": [e.labels for _, e in items],
-                      "loss_scale": [e.loss_scale for _, e in items], "source": [c.source for c, _ in items]}, schema=schema)
-    pq.write_table(table, path)

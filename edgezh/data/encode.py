@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from edgezh.data.conversation import ControlTokens, Conversation, RecordError
 from edgezh.errors import UserError
 
 IGNORE = -100
+END_OF_TEXT = ("<|end_of_text|>", "<|endoftext|>", "</s>")
 PAD_NAMES = ("<|finetune_right_pad_id|>", "<pad>", "<|pad|>", "[PAD]", "<|padding|>")
 _RESERVED = re.compile(r"reserved|unused", re.I)
 
@@ -130,9 +131,35 @@ class Encoder:
 
     def encode(self, conversation: Conversation) -> Encoded:
         """Token ids, labels and loss weights of one conversation (never truncated here)."""
-        out = self._apply(conversation.messages, conversation.tools, tokenize=True, return_dict=True,
-                          return_assistant_tokens_mask=True, tokenizer_kwargs={"return_offsets_mapping": True})
-        ids, mask, offsets = list(out["input_ids"]), list(out["assistant_masks"]), list(out["offset_mapping"])
+        out = self._apply(conversation.messages, conversation.tools, **self._ENCODE)
+        return self._finish(conversation, list(out["input_ids"]), list(out["assistant_masks"]), list(out["offset_mapping"]))
+
+    _ENCODE = {"tokenize": True, "return_dict": True, "return_assistant_tokens_mask": True,
+               "tokenizer_kwargs": {"return_offsets_mapping": True}}
+
+    def encode_many(self, conversations: list[Conversation]) -> list[Encoded | RecordError]:
+        """`encode` for a batch: conversations without tools are rendered and tokenized together (the fast
+        tokenizer's batch path); a batch the template refuses is encoded one by one to find the record."""
+        results: list[Encoded | RecordError | None] = [None] * len(conversations)
+        plain = [i for i, c in enumerate(conversations) if not c.tools]
+        if len(plain) > 1:
+            try:
+                out = self._apply([conversations[i].messages for i in plain], None, **self._ENCODE)
+            except RecordError:
+                pass
+            else:
+                for k, i in enumerate(plain):
+                    results[i] = self._finish(conversations[i], list(out["input_ids"][k]), list(out["assistant_masks"][k]),
+                                              list(out["offset_mapping"][k]))
+        for i, conversation in enumerate(conversations):
+            if results[i] is None:
+                try:
+                    results[i] = self.encode(conversation)
+                except RecordError as exc:
+                    results[i] = exc
+        return results
+
+    def _finish(self, conversation: Conversation, ids: list[int], mask: list[int], offsets: list) -> Encoded:
         self._check_bos(ids)
         runs = _runs(mask)
         turns = [i for i, m in enumerate(conversation.messages) if m["role"] == "assistant"]
@@ -146,6 +173,27 @@ class Encoder:
         if self.loss_scale:
             self._weigh(conversation, ids, offsets, runs, turns, scale)
         return Encoded(ids, labels, scale)
+
+    @cached_property
+    def end_of_text(self) -> tuple[str, int]:
+        """The token that ends a document in pre-training text (``<|end_of_text|>`` for Llama 3,
+        ``<|endoftext|>`` for SmolLM2 / GPT-style vocabularies, else the tokenizer's EOS)."""
+        vocab = self.tokenizer.get_vocab()
+        for name in END_OF_TEXT:
+            if name in vocab:
+                return name, vocab[name]
+        if self.tokenizer.eos_token is None:
+            raise UserError("the tokenizer has no end-of-text token to join pre-training documents with")
+        return self.tokenizer.eos_token, self.tokenizer.eos_token_id
+
+    def encode_documents(self, texts: list[str]) -> list[list[int]]:
+        """Pre-training documents: BOS (when the chat format has one) + the text's tokens + end-of-text."""
+        if not texts:
+            return []
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        head = [self.bos_id] if self.bos_id is not None else []
+        tail = [self.end_of_text[1]]
+        return [head + list(tokens) + tail for tokens in ids]
 
     def _check_bos(self, ids: list[int]) -> None:
         if self.bos_id is None:

@@ -20,8 +20,8 @@ def length_histogram(path: Path, lengths: dict[str, list[int]], max_length: int)
     fig = Figure(figsize=(7, 4), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    names = [n for n, values in lengths.items() if values]
-    top = max([max(v) for v in lengths.values() if v], default=1)
+    names = [n for n, values in lengths.items() if len(values)]
+    top = int(max([max(v) for v in lengths.values() if len(v)], default=1))
     bins = min(50, max(1, top))
     if names:
         ax.hist([lengths[n] for n in names], bins=bins, range=(0, max(top, 1)), stacked=True, label=names)
@@ -34,10 +34,13 @@ def length_histogram(path: Path, lengths: dict[str, list[int]], max_length: int)
     fig.savefig(path, format="png", metadata=PNG_METADATA)
 
 
-def summary(values: list[int]) -> dict:
-    """Count, total, min, mean and max of a list of lengths."""
-    if not values:
+def summary(values) -> dict:
+    """Count, total, min, mean, median and max of lengths (a list or a numpy array)."""
+    import numpy as np
+
+    ordered = np.sort(np.asarray(values, dtype=np.int64))
+    if not len(ordered):
         return {"count": 0, "total": 0}
-    ordered = sorted(values)
-    return {"count": len(values), "total": sum(values), "min": ordered[0], "max": ordered[-1],
-            "mean": round(sum(values) / len(values), 2), "median": ordered[len(values) // 2]}
+    total = int(ordered.sum())
+    return {"count": len(ordered), "total": total, "min": int(ordered[0]), "max": int(ordered[-1]),
+            "mean": round(total / len(ordered), 2), "median": int(ordered[len(ordered) // 2])}

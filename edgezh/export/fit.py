@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from rich.markup import escape
 
 from edgezh import layout
 from edgezh.artifacts import Artifact
@@ -162,7 +161,7 @@ def choose(cfg: GGUFConfig, source: Path, inputs: dict[str, Artifact], out: Path
     keep = out / layout.gguf_name(name, layout.FIT_KIND)
     try:
         for index, c in enumerate(scored, 1):
-            with status(f"fit: {index}/{len(scored)} {escape(c.label)} ({human(c.size['bytes'])})"):  # [..] is not markup
+            with status(f"fit: {index}/{len(scored)} {c.label} ({human(c.size['bytes'])})"):  # status escapes markup
                 quantize(source, trial, c.base, **(matrix if c.imatrix else {}), **c.settings(cfg))
                 klds, same = [], []
                 with GGUFBackend(trial, n_ctx=n_ctx, name=c.label) as backend:
