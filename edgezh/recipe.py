@@ -218,6 +218,9 @@ class TrainCommon(Section):
     precision: Precision = Field("auto", description="`auto`: bf16 where the GPU has it, else fp16 on GPU, fp32 on CPU.")
     seed: int = Field(42, description="Training seed.")
     logging_steps: PosInt = Field(1, description="Log every N steps.")
+    eval_examples: PosInt | None = Field(512, description="Held-out examples the training stage evaluates on: the first N of "
+                                         "the data stage's shuffled held-out split (a 5% split of 300k conversations is 15k "
+                                         "examples, hours of evaluation on a CPU); null: all of them.")
     deepspeed: str | None = Field(None, description="zero2 | zero3 | zero2_offload | path to a DeepSpeed JSON config.")
     num_processes: PosInt = Field(1, description="Processes to launch (GPUs per node; CPU processes over gloo where there is no GPU).")
     num_nodes: PosInt = Field(1, description="Machines, passed to the deepspeed launcher.")

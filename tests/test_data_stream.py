@@ -58,6 +58,11 @@ def test_batch_encoding_equals_one_by_one(tiny_llama3: Path, tmp_path: Path) -> 
     batched = encoder.encode_many(records)
     single = [encoder.encode(c) for c in records]
     assert batched == single
+    for conversation, encoded in zip(records, batched):  # the mask transformers' own path computes
+        out = encoder.tokenizer.apply_chat_template(conversation.messages, chat_template=encoder.format.training, tokenize=True,
+                                                    return_dict=True, return_assistant_tokens_mask=True)
+        assert encoded.input_ids == list(out["input_ids"])
+        assert [label != IGNORE for label in encoded.labels] == [bool(m) for m in out["assistant_masks"]]
     assert {w for e in batched[:40] for w in e.loss_scale} == {0.0, 1.0, 2.0, 3.0}
 
 
@@ -132,7 +137,7 @@ def test_text_sources_become_fully_trained_blocks(smollm2: Path, tmp_path: Path)
     recipe = f"""name: text
 base: {{path: {smollm2}}}
 data:
-  sources: [{{path: corpus.txt}}, {{path: docs.jsonl, format: text}}, {{builtin: peoples-daily, samples: 200}}]
+  sources: [{{path: corpus.txt}}, {{path: docs.jsonl}}, {{builtin: peoples-daily, samples: 200}}]
   max_length: 64
   eval_ratio: 0.1
 """

@@ -1,9 +1,9 @@
 """Encoding through the chat-template registry: token ids, labels and per-token loss weights.
 
-A conversation is rendered with its format's *training* template by transformers'
-``apply_chat_template(..., return_assistant_tokens_mask=True)``: the template wraps each assistant
-message's content and its end-of-turn token in ``{% generation %}``, so the mask marks exactly what the
-model is trained to say — the stop token included (a model that never learns to stop is the classic
+A conversation is rendered with its format's *training* template (transformers' jinja renderer, as
+``apply_chat_template(..., return_assistant_tokens_mask=True)`` does; `Encoder.encode_many` says how the
+batch path keeps that mask): the template wraps each assistant message's content and its end-of-turn
+token in ``{% generation %}``, so the mask marks exactly what the model is trained to say — the stop token included (a model that never learns to stop is the classic
 Llama 3 fine-tuning failure). Rendered text is tokenized without adding special tokens (the registry's
 BOS rule): exactly one BOS for the llama3 formats, none for ChatML.
 
@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import numpy as np
 
 from edgezh import templates
 from edgezh.data.conversation import ControlTokens, Conversation, RecordError
@@ -53,7 +54,7 @@ class Encoded:
 
     @property
     def trained(self) -> int:
-        return sum(label != IGNORE for label in self.labels)
+        return len(self.labels) - self.labels.count(IGNORE)
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ class Encoder:
         self.loss_scale = dict(loss_scale or {})
         self.pad = choose_pad(self.tokenizer, self.format)
         self.bos_id = self.tokenizer.convert_tokens_to_ids(self.format.bos_token) if self.format.bos_token else None
-        self.stop_ids = {self.tokenizer.convert_tokens_to_ids(t) for t in self.format.stop_tokens}
+        self.stop_ids = {self.tokenizer.convert_tokens_to_ids(t) for t in self.format.end_tokens}  # a turn ends on one of these
 
     def control_tokens(self) -> ControlTokens:
         return ControlTokens(list(_special_tokens(self.tokenizer).values()))
@@ -131,48 +132,57 @@ class Encoder:
 
     def encode(self, conversation: Conversation) -> Encoded:
         """Token ids, labels and loss weights of one conversation (never truncated here)."""
-        out = self._apply(conversation.messages, conversation.tools, **self._ENCODE)
-        return self._finish(conversation, list(out["input_ids"]), list(out["assistant_masks"]), list(out["offset_mapping"]))
-
-    _ENCODE = {"tokenize": True, "return_dict": True, "return_assistant_tokens_mask": True,
-               "tokenizer_kwargs": {"return_offsets_mapping": True}}
+        result = self.encode_many([conversation])[0]
+        if isinstance(result, RecordError):
+            raise result
+        return result
 
     def encode_many(self, conversations: list[Conversation]) -> list[Encoded | RecordError]:
-        """`encode` for a batch: conversations without tools are rendered and tokenized together (the fast
-        tokenizer's batch path); a batch the template refuses is encoded one by one to find the record."""
+        """`encode` for a batch: each conversation rendered with the training template (transformers'
+        ``render_jinja_template``, which also gives the ``{% generation %}`` character spans), then all
+        tokenized together by the fast tokenizer's batch path; the mask is every token overlapping a
+        generation span — what ``apply_chat_template(return_assistant_tokens_mask=True)`` computes
+        (a test holds the two equal), without its per-token Python loop. A conversation the template
+        refuses is a `RecordError` in its place."""
+        from transformers.utils.chat_template_utils import render_jinja_template
+
         results: list[Encoded | RecordError | None] = [None] * len(conversations)
-        plain = [i for i, c in enumerate(conversations) if not c.tools]
-        if len(plain) > 1:
-            try:
-                out = self._apply([conversations[i].messages for i in plain], None, **self._ENCODE)
-            except RecordError:
-                pass
-            else:
-                for k, i in enumerate(plain):
-                    results[i] = self._finish(conversations[i], list(out["input_ids"][k]), list(out["assistant_masks"][k]),
-                                              list(out["offset_mapping"][k]))
+        texts, spans, at = [], [], []
         for i, conversation in enumerate(conversations):
-            if results[i] is None:
-                try:
-                    results[i] = self.encode(conversation)
-                except RecordError as exc:
-                    results[i] = exc
+            messages = [{k: v for k, v in m.items() if v is not None} for m in conversation.messages]
+            try:
+                rendered, generation = render_jinja_template(
+                    conversations=[messages], tools=conversation.tools, chat_template=self.format.training,
+                    return_assistant_tokens_mask=True, **self.tokenizer.special_tokens_map)
+            except jinja2.TemplateError as exc:
+                results[i] = RecordError("template_error", f"the {self.format.name} template refuses this conversation: {exc}")
+                continue
+            texts.append(rendered[0])
+            spans.append(generation[0])
+            at.append(i)
+        encodings = self.tokenizer._tokenizer.encode_batch(texts, add_special_tokens=False) if texts else []
+        for i, text, generation, encoding in zip(at, texts, spans, encodings):
+            results[i] = self._finish(conversations[i], text, generation, encoding.ids, encoding.offsets)
         return results
 
-    def _finish(self, conversation: Conversation, ids: list[int], mask: list[int], offsets: list) -> Encoded:
-        self._check_bos(ids)
+    def _finish(self, conversation: Conversation, text: str, generation: list, ids: list[int], offsets: list) -> Encoded:
+        token_ids = np.asarray(ids, dtype=np.int64)
+        bounds = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+        mask = np.zeros(len(ids), dtype=bool)
+        for start, end in generation:
+            mask |= (bounds[:, 1] > start) & (bounds[:, 0] < end)
+        self._check_bos(token_ids)
         runs = _runs(mask)
         turns = [i for i, m in enumerate(conversation.messages) if m["role"] == "assistant"]
         if len(runs) != len(turns):
             raise RuntimeError(f"{len(turns)} assistant turns but {len(runs)} trained spans in the {self.format.name} encoding")
-        for start, end in runs:
-            if ids[end - 1] not in self.stop_ids:
-                raise RuntimeError(f"a trained span of the {self.format.name} encoding does not end with a stop token")
-        labels = [t if m else IGNORE for t, m in zip(ids, mask)]
-        scale = [1.0 if m else 0.0 for m in mask]
+        if runs and not np.isin(token_ids[[end - 1 for _, end in runs]], list(self.stop_ids)).all():
+            raise RuntimeError(f"a trained span of the {self.format.name} encoding does not end with a stop token")
+        labels = np.where(mask, token_ids, IGNORE).tolist()
+        scale = mask.astype(np.float64).tolist()
         if self.loss_scale:
-            self._weigh(conversation, ids, offsets, runs, turns, scale)
-        return Encoded(ids, labels, scale)
+            self._weigh(conversation, text, offsets, runs, turns, scale)
+        return Encoded(list(ids), labels, scale)
 
     @cached_property
     def end_of_text(self) -> tuple[str, int]:
@@ -195,15 +205,14 @@ class Encoder:
         tail = [self.end_of_text[1]]
         return [head + list(tokens) + tail for tokens in ids]
 
-    def _check_bos(self, ids: list[int]) -> None:
+    def _check_bos(self, ids: np.ndarray) -> None:
         if self.bos_id is None:
             return
-        if ids.count(self.bos_id) != 1 or ids[0] != self.bos_id:
+        if int((ids == self.bos_id).sum()) != 1 or ids[0] != self.bos_id:
             raise RuntimeError(f"{self.format.name} encoding must start with exactly one {self.format.bos_token}")
 
-    def _weigh(self, conversation: Conversation, ids, offsets, runs, turns, scale: list[float]) -> None:
+    def _weigh(self, conversation: Conversation, text: str, offsets, runs, turns, scale: list[float]) -> None:
         """Field weights on the tokens of agent spans (the max where fields overlap)."""
-        text = self._apply(conversation.messages, conversation.tools, tokenize=False)
         weights: dict[int, float] = {}
         for (start, end), index in zip(runs, turns):
             message = conversation.messages[index]
@@ -232,13 +241,7 @@ class Encoder:
             scale[t] = weight
 
 
-def _runs(mask: list[int]) -> list[tuple[int, int]]:
-    """``[start, end)`` token ranges where the mask is 1."""
-    runs, start = [], None
-    for i, m in enumerate(mask + [0]):
-        if m and start is None:
-            start = i
-        elif not m and start is not None:
-            runs.append((start, i))
-            start = None
-    return runs
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """``[start, end)`` token ranges where the mask is set."""
+    edges = np.diff(np.concatenate([[0], mask.astype(np.int8), [0]]))
+    return list(zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()))

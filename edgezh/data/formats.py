@@ -28,7 +28,9 @@ Formats (``DataSource.format``):
    or OpenAI ``tool_calls`` / ``tool`` turns → ``function_calling``; an assistant turn with both an
    ``Action:`` and an ``Action Input:`` line → ``react``; turns keyed ``from``/``value`` → ``sharegpt``;
    otherwise ``messages``;
-5. anything else: an error naming the columns found and what each format expects.
+5. a ``text`` column → ``text`` (documents for continued pre-training; another column: ``format: text``
+   with ``text_field``);
+6. anything else: an error naming the columns found and what each format expects.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ EXPECTS = {
     "dpo": "`chosen` and `rejected` (text or messages), usually `prompt`",
     "react": "`messages` or `conversations` with Thought/Action/Action Input lines in assistant turns",
     "function_calling": "`messages` or `conversations` with tools or <tool_call> markup, or glaive's `system` and `chat`",
+    "text": "`text` (one document per record; another column with `text_field`), or a .txt file",
 }
 CONVERSATION_KEYS = ("messages", "conversation", "conversations")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
@@ -82,6 +85,8 @@ def detect(rows: Iterable[dict[str, Any]], where: str) -> str:
         if any("from" in t for t in turns):
             return "sharegpt"
         return "messages"
+    if "text" in have:
+        return "text"
     found = ", ".join(columns) if columns else "none"
     raise UserError(f"{where}: cannot tell the data format from the columns (found: {found}); "
                     f"set `format` or use one of — {expectations()}")

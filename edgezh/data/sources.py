@@ -287,6 +287,8 @@ def items(source: DataSource, name: str, default_system: str, seed: int) -> tupl
     if fmt == "auto":
         parsed = (parse_line(r) if isinstance(r, str) else r for _, r in head)
         fmt = formats.detect((r for r in parsed if isinstance(r, dict)), where)
+    if fmt == "text":
+        return fmt, ((o, text_field(parse_line(r) if isinstance(r, str) else r, source.text_field)) for o, r in _chain(head, raw))
     return fmt, _chain(head, raw)
 
 

@@ -28,13 +28,20 @@ def calibration_texts(conversations: list[list[dict]], template: str, samples: i
     return [templates.render(template, messages) for messages in chosen]
 
 
-def read_conversations(path: Path) -> list[list[dict]]:
-    """Conversations from a JSONL file of {"messages": [...]} records (the data stage's train.jsonl)."""
+CALIBRATION_POOL = 20000  # conversations read for calibration: train.jsonl is already shuffled across sources
+
+
+def read_conversations(path: Path, limit: int | None = CALIBRATION_POOL) -> list[list[dict]]:
+    """The first ``limit`` conversations of a JSONL file of {"messages": [...]} records (the data stage's
+    train.jsonl, shuffled by the data stage, so its head is a sample of every source; a 300k-conversation
+    file is never read whole)."""
     rows = []
     for number, record in numbered_records(path):
         if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
             raise UserError(f"{path}:{number}: not a {{\"messages\": [...]}} record")
         rows.append(record["messages"])
+        if limit is not None and len(rows) >= limit:
+            break
     return rows
 
 

@@ -34,8 +34,9 @@ def has_rows(path: Path) -> bool:
         return any(line.strip() for line in handle)
 
 
-def load_sft(path: Path, cache_dir: Path, max_length: int | None) -> tuple[Any, dict]:
-    """The encoded examples of one parquet file, cut to `max_length`; returns (dataset, counts)."""
+def load_sft(path: Path, cache_dir: Path, max_length: int | None, limit: int | None = None) -> tuple[Any, dict]:
+    """The encoded examples of one parquet file (memory-mapped: datasets' Arrow cache), cut to `max_length`,
+    the first `limit` of them when given; returns (dataset, counts)."""
     from datasets import Dataset
 
     import pyarrow.parquet as pq
@@ -49,6 +50,8 @@ def load_sft(path: Path, cache_dir: Path, max_length: int | None) -> tuple[Any, 
     if not has_rows(path):
         raise UserError(f"{path}: no examples — the recipe's data has no SFT source (messages, sharegpt, alpaca…)")
     dataset = Dataset.from_parquet(str(path), cache_dir=str(cache_dir)).select_columns(list(SFT_COLUMNS))
+    if limit is not None and len(dataset) > limit:
+        dataset = dataset.select(range(limit))
     counts = {"examples": len(dataset), "truncated": 0, "dropped_untrained": 0}
     if max_length is not None:
         import pyarrow.compute as pc
@@ -120,8 +123,8 @@ class SFTCollator:
         return batch
 
 
-def load_pairs(path: Path) -> Any:
-    """Preference pairs as a datasets.Dataset of conversational prompt / chosen / rejected."""
+def load_pairs(path: Path, limit: int | None = None) -> Any:
+    """Preference pairs as a datasets.Dataset of conversational prompt / chosen / rejected (the first `limit`)."""
     from datasets import Dataset
 
     if not path.is_file():
@@ -132,6 +135,8 @@ def load_pairs(path: Path) -> Any:
         if missing:
             raise UserError(f"{path}:{number}: {', '.join(missing)} must be non-empty lists of messages")
         rows.append({k: record[k] for k in PAIR_KEYS})
+        if limit is not None and len(rows) >= limit:
+            break
     if not rows:
         raise UserError(f"{path}: no preference pairs — add a dpo-format source to the recipe's data")
     return Dataset.from_list(rows)

@@ -69,7 +69,7 @@ def build_trainer(job, precision=None, cfg=None):
                                       beta=cfg.beta, loss_type=[cfg.loss_type],
                                       precompute_ref_log_probs=cfg.method == "full")
     train_set = train_data.load_pairs(built.data_dir / "pairs_train.jsonl")
-    eval_set = train_data.load_pairs(built.data_dir / "pairs_eval.jsonl") if built.has_eval else None
+    eval_set = train_data.load_pairs(built.data_dir / "pairs_eval.jsonl", limit=built.cfg.eval_examples) if built.has_eval else None
     tokenizer, model, peft_config = train_model.job_model(job, cfg, built.precision, args.device)
     trainer = CountingDPOTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                                  processing_class=tokenizer, peft_config=peft_config, token_counter=session.TokenCounter())
