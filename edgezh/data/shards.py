@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgezh.data.stream import Index, open_table
+from edgezh.data.stream import Index, open_file
 
 CHUNK = 4096  # output rows per step
 
@@ -32,25 +32,36 @@ def ordered(parts: list[tuple[Index, np.ndarray]], permutation: np.ndarray) -> t
 
 
 def chunks(parts: list[tuple[Index, np.ndarray]], which: np.ndarray, rows: np.ndarray, columns: list[str]):
-    """Tables of ``CHUNK`` output rows (the named columns plus ``source``), in output order."""
+    """Tables of ``CHUNK`` output rows (the named columns plus ``source``), in output order.
+
+    Rows are taken record batch by record batch of the pass-1 files (a take over a table of many
+    batches would first concatenate all of them: a copy of the whole column for every chunk)."""
     import pyarrow as pa
 
+    starts = {}
     for start in range(0, len(rows), CHUNK):
         part_of, row_of = which[start:start + CHUNK], rows[start:start + CHUNK]
         pieces, positions = [], []
         for p in np.unique(part_of):
             index = parts[p][0]
             at = np.flatnonzero(part_of == p)
-            mapped, table = open_table(index.path)
+            mapped, reader = open_file(index.path)
             try:
-                piece = table.select(columns).take(pa.array(row_of[at]))
-                piece = piece.combine_chunks()
+                if p not in starts:
+                    sizes = [reader.get_batch(i).num_rows for i in range(reader.num_record_batches)]
+                    starts[p] = np.concatenate([[0], np.cumsum(sizes)])
+                batch_of = np.searchsorted(starts[p], row_of[at], side="right") - 1
+                order = np.argsort(batch_of, kind="stable")
+                for b in np.unique(batch_of):
+                    picked = order[batch_of[order] == b]
+                    batch = reader.get_batch(int(b)).select(columns)
+                    taken = batch.take(pa.array(row_of[at][picked] - starts[p][b]))
+                    pieces.append(taken.append_column("source", pa.array([index.name] * len(picked), pa.string())))
+                    positions.append(at[picked])
             finally:
-                del table
+                del reader
                 mapped.close()
-            pieces.append(piece.append_column("source", pa.array([index.name] * len(at), pa.string())))
-            positions.append(at)
-        table = pa.concat_tables(pieces)
+        table = pa.Table.from_batches(pieces).combine_chunks()
         yield table.take(pa.array(np.argsort(np.concatenate(positions), kind="stable")))
 
 

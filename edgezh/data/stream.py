@@ -270,9 +270,10 @@ def _rows(status: list[tuple]) -> Iterator[tuple[int | None, tuple]]:
             yield None, entry
 
 
-def open_table(path: Path):
-    """The Arrow file written by `read_source`, memory-mapped (close the returned map to let go of it)."""
+def open_file(path: Path):
+    """(memory map, IPC file reader) of an Arrow file written by `read_source`; close the map to let go of
+    the pages read through it."""
     import pyarrow as pa
 
     mapped = pa.memory_map(str(path), "r")
-    return mapped, pa.ipc.open_file(mapped).read_all()
+    return mapped, pa.ipc.open_file(mapped)
