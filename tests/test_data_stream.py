@@ -79,6 +79,12 @@ data:
     one = build(tmp_path, recipe, tmp_path / "one", {"EDGEZH_DATA_WORKERS": "1"}, monkeypatch)
     two = build(tmp_path, recipe, tmp_path / "two", {"EDGEZH_DATA_WORKERS": "2"}, monkeypatch)
     assert one.files == two.files
+    from edgezh.data import shards
+
+    monkeypatch.setattr(shards, "BUCKET", 50)  # many buckets in the external shuffle: the same rows, in the same order
+    many = build(tmp_path, recipe, tmp_path / "many", {"EDGEZH_DATA_WORKERS": "2"}, monkeypatch)
+    assert many.files["train.jsonl"] == one.files["train.jsonl"] and many.files["eval.jsonl"] == one.files["eval.jsonl"]
+    assert pq.read_table(many.file("train.parquet")).equals(pq.read_table(one.file("train.parquet")))
     info = one.info
     assert info["duplicates"] == 1 + 1501 and info["sources"]["again"]["train"] == 0  # `again` repeats chat.jsonl
     rows = pq.read_table(one.file("train.parquet")).to_pylist()

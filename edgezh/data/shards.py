@@ -1,20 +1,24 @@
 """Pass 2 of the data stage: the chosen records, in their shuffled order, copied from the per-source Arrow
 files (pass 1) into the artifact's Parquet and JSON Lines files, a bounded chunk at a time.
 
-Each chunk memory-maps the source files, takes its rows and lets the maps go again, so the pages it
-touched leave the process: peak memory is one chunk, whatever the data's size. Parquet files are written
-row group by row group (`ParquetWriter`); the same inputs give the same bytes.
+The shuffle is external (`chunks`): rows go to buckets of consecutive output positions in one ordered
+read of each pass-1 file, and each bucket is then ordered in memory, so peak memory is one bucket
+whatever the data's size. Parquet files are written row group by row group (`ParquetWriter`); the same
+inputs give the same bytes.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from edgezh.data.stream import Index, open_file
+from edgezh.data.stream import Index
 
 CHUNK = 4096  # output rows per step
+BUCKET = 4 * CHUNK  # consecutive output rows gathered in one bucket file
 
 
 def parquet_schema():
@@ -32,37 +36,65 @@ def ordered(parts: list[tuple[Index, np.ndarray]], permutation: np.ndarray) -> t
 
 
 def chunks(parts: list[tuple[Index, np.ndarray]], which: np.ndarray, rows: np.ndarray, columns: list[str]):
-    """Tables of ``CHUNK`` output rows (the named columns plus ``source``), in output order.
+    """Tables of at most ``CHUNK`` output rows (the named columns plus ``source``), in output order.
 
-    Rows are taken record batch by record batch of the pass-1 files (a take over a table of many
-    batches would first concatenate all of them: a copy of the whole column for every chunk)."""
+    An external shuffle in two steps, so memory is one bucket whatever the data's size: each pass-1 file
+    is read once, in order, a record batch at a time, and every chosen row is appended to the bucket of
+    its output position (``BUCKET`` consecutive positions, an Arrow file each); then each bucket is read
+    back, put in order and given out. Random access into the pass-1 files instead would touch every page
+    of them for every chunk."""
     import pyarrow as pa
 
-    starts = {}
-    for start in range(0, len(rows), CHUNK):
-        part_of, row_of = which[start:start + CHUNK], rows[start:start + CHUNK]
-        pieces, positions = [], []
-        for p in np.unique(part_of):
-            index = parts[p][0]
-            at = np.flatnonzero(part_of == p)
-            mapped, reader = open_file(index.path)
-            try:
-                if p not in starts:
-                    sizes = [reader.get_batch(i).num_rows for i in range(reader.num_record_batches)]
-                    starts[p] = np.concatenate([[0], np.cumsum(sizes)])
-                batch_of = np.searchsorted(starts[p], row_of[at], side="right") - 1
-                order = np.argsort(batch_of, kind="stable")
-                for b in np.unique(batch_of):
-                    picked = order[batch_of[order] == b]
-                    batch = reader.get_batch(int(b)).select(columns)
-                    taken = batch.take(pa.array(row_of[at][picked] - starts[p][b]))
-                    pieces.append(taken.append_column("source", pa.array([index.name] * len(picked), pa.string())))
-                    positions.append(at[picked])
-            finally:
-                del reader
-                mapped.close()
-        table = pa.Table.from_batches(pieces).combine_chunks()
-        yield table.take(pa.array(np.argsort(np.concatenate(positions), kind="stable")))
+    if not len(rows):
+        return
+    folder = Path(tempfile.mkdtemp(prefix="buckets-", dir=parts[0][0].path.parent))
+    writers: dict[int, tuple] = {}
+    try:
+        for p, (index, _) in enumerate(parts):
+            positions = np.flatnonzero(which == p)
+            if not len(positions):
+                continue
+            order = np.argsort(rows[positions], kind="stable")
+            wanted, placed = rows[positions][order], positions[order]
+            with pa.OSFile(str(index.path), "rb") as handle:
+                reader = pa.ipc.open_file(handle)
+                start = done = 0
+                for number in range(reader.num_record_batches):
+                    batch = reader.get_batch(number)
+                    end = start + batch.num_rows
+                    upto = int(np.searchsorted(wanted, end, side="left"))
+                    if upto > done:
+                        piece = batch.select(columns).take(pa.array(wanted[done:upto] - start))
+                        piece = piece.append_column("source", pa.array([index.name] * piece.num_rows, pa.string()))
+                        piece = piece.append_column("position", pa.array(placed[done:upto]))
+                        buckets = placed[done:upto] // BUCKET
+                        for bucket in np.unique(buckets):
+                            _bucket_writer(writers, folder, int(bucket), piece.schema).write_batch(
+                                piece.take(pa.array(np.flatnonzero(buckets == bucket))))
+                        done = upto
+                    start = end
+        for sink, writer in writers.values():
+            writer.close()
+            sink.close()
+        for bucket in sorted(writers):
+            path = folder / f"{bucket}.arrow"
+            with pa.OSFile(str(path), "rb") as handle:
+                table = pa.ipc.open_file(handle).read_all().combine_chunks()
+            path.unlink()
+            table = table.take(pa.array(np.argsort(table.column("position").to_numpy(), kind="stable"))).drop_columns(["position"])
+            for offset in range(0, table.num_rows, CHUNK):
+                yield table.slice(offset, CHUNK)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _bucket_writer(writers: dict, folder: Path, bucket: int, schema):
+    import pyarrow as pa
+
+    if bucket not in writers:
+        sink = pa.OSFile(str(folder / f"{bucket}.arrow"), "wb")
+        writers[bucket] = (sink, pa.ipc.new_file(sink, schema))
+    return writers[bucket][1]
 
 
 def write_examples(out: Path, stem: str, parts: list[tuple[Index, np.ndarray]], permutation: np.ndarray) -> None:
@@ -92,6 +124,7 @@ def write_records(path: Path, parts: list[tuple[Index, np.ndarray]], permutation
 def write_blocks(path: Path, parts: list[tuple[Index, np.ndarray]], permutation: np.ndarray, block: int) -> dict:
     """Documents joined in their shuffled order and cut into rows of ``block`` tokens (the last one
     shorter), every token trained; ``source`` is the source of a row's first token. Returns counts."""
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     which, rows = ordered(parts, permutation)
@@ -109,8 +142,9 @@ def write_blocks(path: Path, parts: list[tuple[Index, np.ndarray]], permutation:
     with pq.ParquetWriter(path, schema) as writer:
         for table in chunks(parts, which, rows, ["input_ids"]):
             sources = table.column("source").to_pylist()
-            offsets = table.column("input_ids").combine_chunks().offsets.to_numpy()
-            values = table.column("input_ids").combine_chunks().values.to_numpy()
+            column = table.column("input_ids")
+            offsets = np.concatenate([[0], np.cumsum(pc.list_value_length(column).to_numpy(zero_copy_only=False))])
+            values = pc.list_flatten(column).to_numpy(zero_copy_only=False)
             base = len(buffer)
             owners += [(base + int(offsets[i]), s) for i, s in enumerate(sources)]
             buffer = np.concatenate([buffer, values.astype(np.int32)])

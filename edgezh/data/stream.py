@@ -268,12 +268,3 @@ def _rows(status: list[tuple]) -> Iterator[tuple[int | None, tuple]]:
             row += 1
         else:
             yield None, entry
-
-
-def open_file(path: Path):
-    """(memory map, IPC file reader) of an Arrow file written by `read_source`; close the map to let go of
-    the pages read through it."""
-    import pyarrow as pa
-
-    mapped = pa.memory_map(str(path), "r")
-    return mapped, pa.ipc.open_file(mapped)
