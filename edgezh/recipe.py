@@ -466,6 +466,10 @@ class MCSet(Section):
     max_questions: PosInt | None = Field(None, description="Score at most this many questions per subject (the first ones in file order). "
                                          "Left out: all of them; `hsk-translate` makes 20 per level.")
     seed: int = Field(0, description="Seed of `hsk-translate` (which sentences, which distractors, where the right answer goes).")
+    protocol: Literal["official", "lm-eval"] = Field("official", description="Prompt and scoring: `official` (the C-Eval/CMMLU "
+                                                     "scripts: the answer letter as the next token) or `lm-eval` (lm-evaluation-harness's "
+                                                     "`ceval-valid` / `cmmlu` tasks byte for byte: ` A`…` D` after the prompt, to compare "
+                                                     "with published lm-eval tables). See `edgezh.eval.multiple_choice`.")
 
     @model_validator(mode="after")
     def _one(self) -> "MCSet":
@@ -477,6 +481,8 @@ class MCSet(Section):
             raise ValueError(f"`builtin` sets have layout `builtin`, not `{self.layout}`")
         if len(set(self.shots)) != len(self.shots):
             raise ValueError("shots lists a setting twice")
+        if self.protocol == "lm-eval" and self.layout == "builtin":
+            raise ValueError("`protocol: lm-eval` reproduces lm-eval's ceval-valid and cmmlu tasks: it needs `layout: ceval` or `layout: cmmlu`")
         return self
 
 
@@ -500,7 +506,8 @@ class EvalConfig(Section):
     max_tokens: PosInt = Field(20000, description="Tokens scored per corpus.")
     multiple_choice: list[MCSet] = Field(default_factory=list, description="Multiple-choice sets.")
     mc_max_length: PosInt = Field(2048, description="Longest multiple-choice prompt in tokens: few-shot examples are dropped, longest "
-                                  "first, until a prompt fits (as CMMLU's script does).")
+                                  "first, until a prompt fits (as CMMLU's script does); with `protocol: lm-eval` the oldest tokens "
+                                  "are cut instead (as lm-eval does).")
     chinese_reply_prompts: int = Field(32, ge=0, description="Held-out Chinese prompts answered greedily to measure the Chinese-reply rate.")
     reply_max_tokens: PosInt = Field(64, description="Longest greedy reply, in tokens, for the Chinese-reply rate.")
     gates: Gates = Field(default_factory=Gates, description="Quality gates.")

@@ -339,7 +339,7 @@ def test_metadata_reads_back(tiny_f32, smol_f32, tiny_llama3, smollm2) -> None:
         eos = ids[fmt.stop_tokens[0]]
         assert _field(reader, "tokenizer.ggml.eos_token_id") == _field(reader, "tokenizer.ggml.eot_token_id") == eos
         assert facts["eos_id"] == facts["eot_id"] == eos
-        assert facts["stop_ids"] == [ids[t] for t in fmt.stop_tokens]
+        assert facts["stop_ids"] == [ids[t] for t in fmt.end_tokens]
         assert _field(reader, "tokenizer.ggml.add_bos_token") is (fmt.bos_token is not None) is facts["add_bos"]
         assert _field(reader, "tokenizer.ggml.bos_token_id") == config["bos_token_id"] == facts["bos_id"]
         assert _field(reader, "llama.block_count") == config["num_hidden_layers"]

@@ -373,9 +373,18 @@ def test_names_and_entries():
 
 
 def test_stop_tokens():
-    assert templates.get("llama3").stop_tokens == ("<|eot_id|>", "<|end_of_text|>")
-    assert templates.get("llama3.1").stop_tokens == ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")
-    assert templates.get("chatml").stop_tokens == ("<|im_end|>", "<|endoftext|>")
+    headers = ("<|start_header_id|>", "<|end_header_id|>")
+    assert templates.get("llama3").end_tokens == ("<|eot_id|>", "<|end_of_text|>")
+    assert templates.get("llama3").stop_tokens == ("<|eot_id|>", "<|end_of_text|>", *headers)
+    assert templates.get("llama3.1").end_tokens == ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")
+    assert templates.get("llama3.1").stop_tokens == ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", *headers)
+    assert templates.get("chatml").stop_tokens == ("<|im_end|>", "<|endoftext|>", "<|im_start|>")
+    for name in templates.names():
+        fmt = templates.get(name)
+        assert fmt.eos_token == fmt.end_tokens[0] == END_TOKEN[name]
+        assert fmt.stop_tokens == fmt.end_tokens + fmt.guard_tokens
+        # every guard opens a turn in the template: a reply that reaches one has started the next turn
+        assert all(guard in fmt.training and guard in fmt.ollama for guard in fmt.guard_tokens)
 
 
 @pytest.mark.parametrize("fmt", templates.names())

@@ -80,39 +80,15 @@ def print_plan(plan: Plan) -> None:
         table.add_row(step.name, step.folder.name, text, (step.key or "")[:12])
     out.print(table)
     _print_launches(plan)
-    try:
-        shape = estimate.model_shape(plan.recipe.base)
-    except (OSError, ValueError, KeyError) as exc:
-        out.print(f"[dim]no estimates: cannot read the base model's shape ({exc})[/]")
-        return
-    if shape is None:
-        out.print("[dim]no estimates: the base model's config is not available offline[/]")
-        return
-    out.print(f"base model: ~{shape.params / 1e9:.3f} B parameters, {shape.layers} layers × {shape.hidden}, vocabulary {shape.vocab}")
-    rows = estimate.training_table(plan.recipe, shape)
-    if rows:
-        t = Table(title="GPU memory per process (estimate, GiB)")
-        for column in ("stage", "method", "full", "LoRA", "QLoRA"):
-            t.add_column(column)
-        for name, method, *gib in rows:
-            t.add_row(name, method, *(f"{g:.1f}" for g in gib))
-        out.print(t)
-    disk = estimate.disk_table(plan.recipe, shape)
-    if disk:
-        t = Table(title="disk for the outputs (estimate)")
-        t.add_column("output")
-        t.add_column("GiB")
-        for name, gib in disk:
-            t.add_row(name, f"{gib:.2f}")
-        t.add_row("[bold]total[/]", f"{sum(g for _, g in disk):.2f}")
-        out.print(t)
+    for item in estimate.report(plan.recipe):
+        out.print(item)
 
 
 def _print_launches(plan: Plan) -> None:
     """The launcher command of each training stage that runs in several processes (DeepSpeed)."""
     from edgezh.train.launch import dry_run_command
 
-    for name, section in (("sft", plan.recipe.sft), ("dpo", plan.recipe.dpo)):
+    for name, section in (("pretrain", plan.recipe.pretrain), ("sft", plan.recipe.sft), ("dpo", plan.recipe.dpo)):
         command = dry_run_command(section) if section is not None else None
         if command:
             out.print(f"{name} launches: {command}")

@@ -10,13 +10,24 @@ Layouts (as the official repositories ship them):
 - `hsk-translate`: per HSK level, an HSK sentence and four English translations (the right one and
   three of other sentences of the same level), seeded; five more sentences per level are its dev split.
 
-Prompts follow the official evaluation scripts (C-Eval `evaluators/llama.py`, CMMLU
-`mp_utils.py`): a header naming the subject in Chinese, k examples from dev with their answers, then
-the question ending in `答案：` (C-Eval) or `答案是：` (CMMLU), as raw text behind the BOS (no chat
-template). The prediction is the letter A–D with the highest log-likelihood as the next token,
-read from the full-vocabulary distribution at the prompt's last position (the official scripts
-compare the same four logits). A prompt longer than `mc_max_length` loses its longest examples
-first (CMMLU's rule), then its oldest tokens.
+Two prompt protocols per set (`protocol` in the recipe entry), both raw text behind the BOS (no chat
+template), both with k examples from dev (the first k, in file order):
+
+- `official` (the default) follows the official evaluation scripts (C-Eval `evaluators/llama.py`, CMMLU
+  `mp_utils.py`): a header naming the subject in Chinese (C-Eval: `以下是中国关于{科目}考试的单项选择题…`),
+  each question ending in `答案：` (C-Eval) or `题目：…答案是：` (CMMLU), examples answered `答案：A`. The
+  prediction is the letter A–D with the highest log-likelihood as the next token, read from the
+  full-vocabulary distribution at the prompt's last position (the official scripts compare the same four
+  logits). A prompt longer than `mc_max_length` loses its longest examples first (CMMLU's rule), then its
+  oldest tokens (the BOS is kept).
+- `lm-eval` reproduces lm-evaluation-harness 0.4's `ceval-valid_<subject>` and `cmmlu_<subject>` tasks
+  (`_default_ceval_yaml`, `_default_template_yaml` and the generated per-subject descriptions): the header
+  without 考试 for C-Eval (`以下是中国关于{科目}的单项选择题，请选出其中的正确答案。`), CMMLU's header
+  with no `题目：` lead, `{question.strip()}\nA. {A}…\n答案：` (options as the file has them), examples
+  answered with lm-eval's target delimiter (`答案： A`), and the scored continuations ` A` … ` D` (a space
+  before the letter): each one's log-likelihood after the context, tokenized as lm-eval's HF model does
+  (`encode(context + continuation)` minus `encode(context)`). A prompt longer than `mc_max_length` keeps
+  every example and loses its oldest tokens, BOS included (lm-eval's left truncation).
 """
 
 from __future__ import annotations
@@ -31,13 +42,14 @@ from edgezh.errors import UserError
 from edgezh.eval import categories
 
 LETTERS = ("A", "B", "C", "D")
+PROTOCOLS = ("official", "lm-eval")
 HSK_PER_LEVEL = 20
 HSK_DEV = 5
 
 
 @dataclass(frozen=True)
 class Question:
-    question: str
+    question: str  # as the file has it (each protocol strips what its script strips)
     options: tuple[str, str, str, str]
     answer: str  # "A"…"D"
 
@@ -56,6 +68,7 @@ class Benchmark:
     name: str  # shown in the report
     layout: str  # ceval | cmmlu | builtin
     subjects: list[Subject]
+    protocol: str = "official"  # official | lm-eval (PROTOCOLS)
 
     @property
     def questions(self) -> int:
@@ -95,7 +108,7 @@ def _questions(path: Path, rows: list[dict], columns: tuple[str, ...]) -> list[Q
         answer = (row.get(ans) or "").strip().upper()
         if answer not in LETTERS:
             raise UserError(f"{path}:{number}: answer {row.get(ans)!r} is not one of A, B, C, D")
-        out.append(Question((row.get(q) or "").strip(), tuple((row.get(k) or "").strip() for k in (a, b, c, d)), answer))
+        out.append(Question(row.get(q) or "", tuple(row.get(k) or "" for k in (a, b, c, d)), answer))
     return out
 
 
@@ -194,24 +207,46 @@ def _translation_question(sentence: dict, pool: list[dict], rng: random.Random) 
 
 # ------------------------------------------------------------------ prompts and scoring
 
-_HEADER = {
-    "ceval": "以下是中国关于{zh}考试的单项选择题，请选出其中的正确答案。\n\n",
-    "cmmlu": "以下是关于{zh}的单项选择题，请直接给出正确答案的选项。\n\n",
-    "builtin": "以下是关于{zh}的单项选择题，请选出句子的正确英文翻译。\n\n",
+
+@dataclass(frozen=True)
+class _Style:
+    """How one protocol writes one layout's prompt."""
+
+    header: str  # {zh}: the subject's Chinese name
+    lead: str  # before each question
+    ask: str  # after the options
+    before_answer: str  # between `ask` and the letter (examples and scored continuations)
+    strip_options: bool
+
+
+_STYLES = {
+    ("official", "ceval"): _Style("以下是中国关于{zh}考试的单项选择题，请选出其中的正确答案。\n\n", "", "答案：", "", True),
+    ("official", "cmmlu"): _Style("以下是关于{zh}的单项选择题，请直接给出正确答案的选项。\n\n", "题目：", "答案是：", "", True),
+    ("official", "builtin"): _Style("以下是关于{zh}的单项选择题，请选出句子的正确英文翻译。\n\n", "句子：", "答案：", "", True),
+    ("lm-eval", "ceval"): _Style("以下是中国关于{zh}的单项选择题，请选出其中的正确答案。\n\n", "", "答案：", " ", False),
+    ("lm-eval", "cmmlu"): _Style("以下是关于{zh}的单项选择题，请直接给出正确答案的选项。\n\n", "", "答案：", " ", False),
 }
-_LEAD = {"ceval": "", "cmmlu": "题目：", "builtin": "句子："}
-_ASK = {"ceval": "答案：", "cmmlu": "答案是：", "builtin": "答案："}
 
 
-def format_question(layout: str, q: Question, with_answer: bool) -> str:
-    text = _LEAD[layout] + q.question + "".join(f"\n{letter}. {option}" for letter, option in zip(LETTERS, q.options))
-    text += "\n" + _ASK[layout]
-    return text + (f"{q.answer}\n\n" if with_answer else "")
+def _style(layout: str, protocol: str) -> _Style:
+    try:
+        return _STYLES[(protocol, layout)]
+    except KeyError:
+        raise UserError(f"protocol {protocol!r} has no {layout} prompt (lm-eval reproduces ceval-valid and cmmlu only)") from None
 
 
-def prompt_text(layout: str, subject: Subject, q: Question, examples: list[Question]) -> str:
-    return (_HEADER[layout].format(zh=subject.zh) + "".join(format_question(layout, e, True) for e in examples)
-            + format_question(layout, q, False))
+def format_question(layout: str, q: Question, with_answer: bool, protocol: str = "official") -> str:
+    style = _style(layout, protocol)
+    options = tuple(o.strip() for o in q.options) if style.strip_options else q.options
+    text = style.lead + q.question.strip() + "".join(f"\n{letter}. {option}" for letter, option in zip(LETTERS, options))
+    text += "\n" + style.ask
+    return text + (f"{style.before_answer}{q.answer}\n\n" if with_answer else "")
+
+
+def prompt_text(layout: str, subject: Subject, q: Question, examples: list[Question], protocol: str = "official") -> str:
+    return (_style(layout, protocol).header.format(zh=subject.zh)
+            + "".join(format_question(layout, e, True, protocol) for e in examples)
+            + format_question(layout, q, False, protocol))
 
 
 @dataclass(frozen=True)
@@ -221,6 +256,7 @@ class Prompt:
     answer: str
     shots: int  # examples that fit
     truncated: bool  # oldest tokens cut
+    choices: tuple[tuple[int, ...], ...] | None = None  # lm-eval: the token ids of " A" … " D" after `ids`
 
 
 def prompts(tok, bench: Benchmark, shots: int, max_length: int) -> list[Prompt]:
@@ -230,6 +266,9 @@ def prompts(tok, bench: Benchmark, shots: int, max_length: int) -> list[Prompt]:
         if shots > len(subject.dev):
             raise UserError(f"{bench.name}/{subject.name}: {shots}-shot needs {shots} dev examples, the dev split has {len(subject.dev)}")
         for q in subject.questions:
+            if bench.protocol == "lm-eval":
+                out.append(_lm_eval_prompt(tok, bench, subject, q, shots, max_length))
+                continue
             examples = list(subject.dev[:shots])
             ids = tok.with_bos(tok.encode(prompt_text(bench.layout, subject, q, examples)))
             while len(ids) > max_length and examples:
@@ -243,15 +282,42 @@ def prompts(tok, bench: Benchmark, shots: int, max_length: int) -> list[Prompt]:
     return out
 
 
+def _lm_eval_prompt(tok, bench: Benchmark, subject: Subject, q: Question, shots: int, max_length: int) -> Prompt:
+    """lm-eval's context and continuations: every example kept, the context cut from the left to fit."""
+    text = prompt_text(bench.layout, subject, q, list(subject.dev[:shots]), "lm-eval")
+    before = _style(bench.layout, "lm-eval").before_answer
+    ids = tok.with_bos(tok.encode(text))
+    choices = tuple(tuple(tok.with_bos(tok.encode(text + before + letter))[len(ids):]) for letter in LETTERS)
+    if not all(choices):
+        raise UserError(f"{bench.name}/{subject.name}: the tokenizer merges an answer letter into the prompt's last token")
+    keep = max_length - (max(len(c) for c in choices) - 1)
+    truncated = len(ids) > keep
+    return Prompt(subject.name, ids[-keep:] if truncated else ids, q.answer, shots, truncated, choices)
+
+
 def predict(backend, tok, items: list[Prompt]) -> list[str]:
-    """The letter each prompt's next-token distribution ranks highest among A–D."""
-    letter_ids = [tok.letter_id(letter) for letter in LETTERS]
+    """The letter whose answer the model finds most likely after each prompt: the next-token letter (official)
+    or the continuation " A" … " D" (lm-eval; several tokens are summed, token by token)."""
+    letter_ids = [tok.letter_id(letter) for letter in LETTERS] if any(p.choices is None for p in items) else []
     preds = []
     for p in items:
-        row = backend.log_probs(p.ids, [len(p.ids) - 1])[0]
-        scores = [float(row[i]) for i in letter_ids]
+        choices = p.choices or tuple((i,) for i in letter_ids)
+        scores = choice_scores(backend, p.ids, choices)
         preds.append(LETTERS[max(range(4), key=scores.__getitem__)])
     return preds
+
+
+def choice_scores(backend, ids: list[int], choices: tuple[tuple[int, ...], ...]) -> list[float]:
+    """Log-likelihood of each continuation after `ids` (one forward pass when every one is a single token)."""
+    if all(len(c) == 1 for c in choices):
+        row = backend.log_probs(ids, [len(ids) - 1])[0]
+        return [float(row[c[0]]) for c in choices]
+    scores = []
+    for c in choices:
+        full = list(ids) + list(c[:-1])
+        rows = backend.log_probs(full, list(range(len(ids) - 1, len(full))))
+        scores.append(sum(float(rows[k][token]) for k, token in enumerate(c)))
+    return scores
 
 
 def summarize(bench: Benchmark, items: list[Prompt], preds: list[str], shots: int) -> dict:
@@ -290,6 +356,7 @@ def load(spec, *, hsk_sentences=None) -> Benchmark:
 
             hsk_sentences = read()
         return hsk_translate(hsk_sentences, per_level=spec.max_questions, seed=spec.seed)
-    if spec.layout == "ceval":
-        return load_ceval(Path(spec.path), need_dev=need_dev, max_questions=spec.max_questions)
-    return load_cmmlu(Path(spec.path), need_dev=need_dev, max_questions=spec.max_questions)
+    loader = load_ceval if spec.layout == "ceval" else load_cmmlu
+    bench = loader(Path(spec.path), need_dev=need_dev, max_questions=spec.max_questions)
+    bench.protocol = spec.protocol
+    return bench

@@ -49,7 +49,8 @@ def new_results(name: str, template: str, tok, variants: list[Variant], referenc
         "variants": {v.name: {"engine": v.engine, "quantized": v.quantized, **v.facts} for v in variants},
         "corpora": corpus_facts, "perplexity": {}, "scoring_tps": {},
         "kld": {"reference": reference, "variants": {}},
-        "multiple_choice": [{"set": b.name, "layout": b.layout, "shots": k, "questions": len(items), "by_variant": {}}
+        "multiple_choice": [{"set": b.name, "layout": b.layout, "protocol": b.protocol, "shots": k, "questions": len(items),
+                             "by_variant": {}}
                             for b, k, items in mc_sets],
         "chinese_reply": {"source": reply_source, "prompts": len(reply_prompts), "max_tokens": reply_max_tokens,
                           "by_variant": {}},

@@ -218,7 +218,9 @@ def _mc(r: dict) -> list[str]:
     if not r.get("multiple_choice"):
         return lines + ["No multiple-choice set in the recipe (`eval.multiple_choice`).", ""]
     lines += ["Scored by the log-likelihood of the answer letter (A–D) after the prompt; categories are the mean of their "
-              "subjects' accuracies, overall the mean over subjects. Chance is 25%.", ""]
+              "subjects' accuracies, overall the mean over subjects. Chance is 25%. Each heading names its protocol: "
+              "*official* is the C-Eval/CMMLU scripts' prompt (the letter as the next token), *lm-eval* lm-evaluation-harness's "
+              "`ceval-valid` / `cmmlu` prompt (` A`…` D` after `答案：`), whose figures compare with published lm-eval tables.", ""]
     for entry in r["multiple_choice"]:
         variants = entry["by_variant"]
         groups = []
@@ -227,7 +229,8 @@ def _mc(r: dict) -> list[str]:
                 if g not in groups:
                     groups.append(g)
         order = [g for g in (*CATEGORIES, "Hard", CHINA_SPECIFIC) if g in groups] + [g for g in groups if g not in (*CATEGORIES, "Hard", CHINA_SPECIFIC)]
-        lines += [f"### {entry['set']}, {entry['shots']}-shot ({entry['questions']} questions)", ""]
+        protocol = "" if entry["layout"] == "builtin" else f", {entry.get('protocol', 'official')} protocol"
+        lines += [f"### {entry['set']}, {entry['shots']}-shot{protocol} ({entry['questions']} questions)", ""]
         if entry["layout"] == "builtin":
             subjects = list(next(iter(variants.values()))["subjects"]) if variants else []
             rows = [[name, _num(s["overall"], ".1%")] + [_num(s["subjects"][x]["accuracy"], ".1%") for x in subjects]

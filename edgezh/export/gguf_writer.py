@@ -472,7 +472,7 @@ def convert(model_dir: Path, out_file: Path, outtype: str = "f16", *, template: 
         raise UserError(f"{model_dir / 'tokenizer.json'}: chat format {template!r} needs {', '.join(missing)}, "
                         "which the tokenizer does not have")
     eos_id = vocab.ids[fmt.eos_token]
-    stop_ids = [vocab.ids[token] for token in fmt.stop_tokens if token in vocab.ids]
+    stop_ids = [vocab.ids[token] for token in fmt.end_tokens if token in vocab.ids]  # llama.cpp's end-of-generation set
     add_bos = fmt.bos_token is not None
     bos_id = vocab.bos_id
     if add_bos and bos_id != vocab.ids[fmt.bos_token]:  # type: ignore[index]

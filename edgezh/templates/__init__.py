@@ -11,6 +11,18 @@ One entry per format (``llama3``, ``llama3.1``, ``chatml``). Each entry carries:
   package data under ``edgezh.modelfiles``. It is emitted verbatim into Modelfiles.
 - stop tokens, the BOS rule, a default Chinese system prompt.
 
+Stop tokens. ``end_tokens`` end a turn or the text (the model is trained to write them; a GGUF's EOS/EOT id is
+the first one, and llama.cpp treats all of them as end of generation). ``stop_tokens`` adds ``guard_tokens``:
+tokens that never belong in a reply but open the next turn. For llama3/llama3.1 those are the header tokens
+``<|start_header_id|>`` and ``<|end_header_id|>``, which Ollama's own library models stop on too (its
+``template/llama3-instruct.json`` params: ``<|start_header_id|>``, ``<|end_header_id|>``, ``<|eot_id|>``): a
+fine-tune that starts a new header without ending its turn stops there instead of answering itself. ChatML's
+guard is ``<|im_start|>`` (Ollama's ``template/chatml.json``: ``<|im_start|>``, ``<|im_end|>``). Every
+consumer that stops generation (Modelfile ``PARAMETER stop``, the llama.cpp runtime, greedy eval replies) takes
+``stop_tokens``. A GGUF has no stop list, only single EOS/EOT/EOM id slots: the writer puts the first end token
+in EOS and EOT, llama.cpp recognizes the other end tokens as end of generation by their text, and the guards stay
+out of those slots (a header is not the end of a text); the Modelfile and edgezh's runtime add them.
+
 BOS rule. The llama3/llama3.1 jinja templates print ``<|begin_of_text|>`` themselves, so text rendered from
 them must be tokenized WITHOUT adding special tokens (``add_special_tokens=False``): exactly one BOS.
 ChatML has no BOS. The Ollama templates never print ``<|begin_of_text|>``: Ollama (llama.cpp) prepends the
@@ -81,8 +93,12 @@ class ChatFormat:
     """Jinja template for inference: ``training`` with the generation tags removed (derived)."""
     ollama: str
     """Ollama TEMPLATE body (Go text/template); never prints the BOS (Ollama adds it)."""
-    stop_tokens: tuple[str, ...]
-    """Every token that ends a model turn or the text."""
+    end_tokens: tuple[str, ...]
+    """Tokens that end a model turn or the text; the first is the end of an assistant reply."""
+    guard_tokens: tuple[str, ...]
+    """Tokens that start the next turn: generation stops on them as well (see the module docstring)."""
+    stop_tokens: tuple[str, ...] = field(init=False)
+    """Every token generation stops on: ``end_tokens`` then ``guard_tokens`` (derived)."""
     bos_token: str | None
     """The BOS the template itself prints at the very start, or None; rendered text is tokenized without
     adding special tokens."""
@@ -95,38 +111,45 @@ class ChatFormat:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "inference", strip_generation_tags(self.training))
+        object.__setattr__(self, "stop_tokens", self.end_tokens + self.guard_tokens)
 
     @property
     def eos_token(self) -> str:
-        """The end-of-turn token of an assistant reply (the first stop token)."""
-        return self.stop_tokens[0]
+        """The end-of-turn token of an assistant reply (the first end token)."""
+        return self.end_tokens[0]
 
 
 @dataclass(frozen=True)
 class _Spec:
     """What the registry knows about a format besides its template files."""
 
-    stop_tokens: tuple[str, ...]
+    end_tokens: tuple[str, ...]
+    guard_tokens: tuple[str, ...]
     bos_token: str | None
     supports_tools: bool
     description: str
 
 
+_LLAMA3_HEADERS = ("<|start_header_id|>", "<|end_header_id|>")
+
 _SPECS: dict[str, _Spec] = {
     "llama3": _Spec(
-        stop_tokens=("<|eot_id|>", "<|end_of_text|>"),
+        end_tokens=("<|eot_id|>", "<|end_of_text|>"),
+        guard_tokens=_LLAMA3_HEADERS,
         bos_token=LLAMA3_BOS,
         supports_tools=False,
         description="Meta Llama 3 Instruct (<|start_header_id|> headers, <|eot_id|>), no tools",
     ),
     "llama3.1": _Spec(
-        stop_tokens=("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"),
+        end_tokens=("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"),
+        guard_tokens=_LLAMA3_HEADERS,
         bos_token=LLAMA3_BOS,
         supports_tools=True,
         description="Llama 3.1+ Instruct with JSON tool calls (<|eom_id|>) and ipython tool results",
     ),
     "chatml": _Spec(
-        stop_tokens=("<|im_end|>", "<|endoftext|>"),
+        end_tokens=("<|im_end|>", "<|endoftext|>"),
+        guard_tokens=("<|im_start|>",),
         bos_token=None,
         supports_tools=False,
         description="ChatML (<|im_start|>role ... <|im_end|>), no BOS, no tools; e.g. SmolLM2, Qwen",
@@ -154,7 +177,8 @@ def get(name: str) -> ChatFormat:
         name=name,
         training=_read_resource("edgezh.templates", f"{name}.jinja"),
         ollama=_read_resource("edgezh.modelfiles", f"{name}.tmpl"),
-        stop_tokens=spec.stop_tokens,
+        end_tokens=spec.end_tokens,
+        guard_tokens=spec.guard_tokens,
         bos_token=spec.bos_token,
         default_system=_DEFAULT_SYSTEM_ZH,
         supports_tools=spec.supports_tools,
