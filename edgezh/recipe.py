@@ -267,6 +267,50 @@ class DPOConfig(TrainCommon):
         return self
 
 
+EMBEDDING_MODULES = ("embed_tokens", "lm_head")  # the input embedding and the output head of a Llama model
+
+
+class PretrainConfig(TrainCommon):
+    """Continued pre-training (增量预训练) on the data stage's text blocks (`format: text` sources): every token is
+    trained. Its output is a whole model (a LoRA adapter is folded into the base's 16-bit weights) that `sft`, or
+    `dpo` when there is no `sft`, trains from."""
+
+    lora: LoraSpec = Field(default_factory=lambda: LoraSpec(modules_to_save=list(EMBEDDING_MODULES)),
+                           description="Adapter shape (lora and qlora). Here `modules_to_save` defaults to embed_tokens "
+                           "and lm_head: the embedding and the head are trained in full beside the adapter (on a base that "
+                           "ties them, one shared copy); give an empty `modules_to_save` to freeze them.")
+    embedding_learning_rate: PosFloat | None = Field(
+        None, description="Learning rate of the embedding and the head (embed_tokens, lm_head: their `modules_to_save` copies "
+        "with LoRA, the weights themselves with `full`), in an optimizer parameter group of their own under the same "
+        "schedule; usually 2–10× smaller than `learning_rate`. Left out: `learning_rate`.")
+    save_steps: PosInt = Field(100, description="Checkpoint every N optimizer steps into the stage's scratch folder; a rerun after an interruption resumes from the last complete checkpoint.")
+    eval_steps: PosInt | None = Field(None, description="Evaluate on the held-out text blocks every N steps; left out, before and "
+                                      "once after training. The eval loss (and its perplexity) goes to the log and the manifest.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _embeddings_by_default(cls, data):
+        """A `lora` given without `modules_to_save` keeps this section's default (the embedding and the head)."""
+        if isinstance(data, dict) and isinstance(data.get("lora"), dict) and "modules_to_save" not in data["lora"]:
+            data = {**data, "lora": {**data["lora"], "modules_to_save": list(EMBEDDING_MODULES)}}
+        return data
+
+    def trains_embeddings(self) -> bool:
+        """Whether the embedding or the head is trained (in full, as modules_to_save copies, or as LoRA targets)."""
+        if self.method == "full":
+            return True
+        targets = [] if self.lora.target_modules == "all-linear" else list(self.lora.target_modules)
+        return any(m in EMBEDDING_MODULES for m in [*self.lora.modules_to_save, *targets])
+
+
+def pretrain_problems(pretrain: PretrainConfig | None) -> list[tuple[str, str]]:
+    """What the pretrain section cannot do, known from the recipe alone."""
+    if pretrain is None or pretrain.embedding_learning_rate is None or pretrain.trains_embeddings():
+        return []
+    return [("pretrain.embedding_learning_rate", "nothing it applies to is trained: add embed_tokens and/or lm_head to "
+             "pretrain.lora.modules_to_save, or drop embedding_learning_rate")]
+
+
 def lora_differences(mine: LoraSpec, theirs: LoraSpec) -> list[str]:
     """How one adapter shape differs from another (what continuing an adapter cannot change)."""
     wanted = {"rank": (mine.rank, theirs.rank), "alpha": (mine.alpha, theirs.alpha),
@@ -527,12 +571,13 @@ class OutputConfig(Section):
 
 
 class Recipe(Section):
-    """A whole build: base → data → sft → dpo → merge → gguf → quantize → gptq → modelfile → eval."""
+    """A whole build: base → data → pretrain → sft → dpo → merge → gguf → quantize → gptq → modelfile → eval."""
 
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Build name: outputs go to <output.root>/<name>/ and files are named after it.")
     description: str = Field("", description="Free text shown by `edgezh ls recipes`.")
     base: BaseConfig = Field(..., description="The model to start from.")
     data: DataConfig | None = Field(None, description="Training data.")
+    pretrain: PretrainConfig | None = Field(None, description="Continued pre-training on raw text before SFT (needs a `format: text` data source).")
     sft: SFTConfig | None = Field(None, description="Supervised fine-tuning.")
     dpo: DPOConfig | None = Field(None, description="Preference tuning.")
     merge: MergeConfig = Field(default_factory=MergeConfig, description="Merge (runs whenever a training stage ran).")
@@ -546,6 +591,13 @@ class Recipe(Section):
         problems = []
         if (self.sft or self.dpo) and self.data is None:
             problems.append(("data", "training (sft/dpo) needs a `data` section"))
+        if self.pretrain is not None and self.data is None:
+            problems.append(("data", "continued pre-training (pretrain) needs a `data` section with a `format: text` source"))
+        elif self.pretrain is not None and not any(s.format in ("text", "auto") and s.builtin not in ("hsk-chat", "hsk-dpo")
+                                                   for s in self.data.sources):
+            problems.append(("pretrain", "no data source can give text blocks: add a `format: text` source "
+                             "(or `builtin: peoples-daily`) to data.sources"))
+        problems += pretrain_problems(self.pretrain)
         if self.modelfile is not None and self.export.gguf is None:
             problems.append(("modelfile", "Modelfiles need `export.gguf`"))
         if self.eval is not None and self.eval.gates.max_kld is not None and self.export.gguf is None:
