@@ -1,18 +1,23 @@
-"""Runtime benchmarks: edgezh's engine against llama-cpp-python's own create_completion, and decode
-speed against the machine's memory bandwidth.
+"""Runtime benchmarks: edgezh's engine against llama-cpp-python's own create_completion, llama.cpp's
+repacked CPU weights on and off, and decode speed against the machine's memory bandwidth.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_runtime.py [--work DIR] [--threads 2] [--tokens 128] [--reps 7]
 
 1. Engine overhead. SmolLM2-135M-Instruct (the quickstart's base, real weights) is converted to an
-   f16 GGUF and quantized with llama.cpp to q4_k_m and q8_0. For each GGUF ONE `llama_cpp.Llama`
-   is loaded and wrapped by `edgezh.runtime.engine.Engine` (same process, same model, same sampler
-   settings and seed), and the two paths alternate, the KV cache reset before every run:
+   f16 GGUF and quantized with llama.cpp to q4_k_m and q8_0. For each GGUF a `llama_cpp.Llama` and
+   an `edgezh.runtime.engine.Engine` (its own context and decode loop, `repack=True` as
+   llama-cpp-python loads weights, so both compute alike) are loaded in the same process, same
+   sampler settings and seed, and the two paths alternate, the KV cache cleared before every run:
    - baseline: `Llama.create_completion(prompt_text, stream=True, ...)` on the prompt the registry renders;
-   - edgezh: `Engine.chat(messages, SamplingParams(...))` (renders, fits, streams pieces).
+   - edgezh: `Engine.chat(messages, SamplingParams(...))` (renders, fits, streams pieces through the
+     decode thread).
    Time to first token is the wall time from the call to the first non-empty text; decode speed is
    (tokens - 1) / (last - first text). Both runs must produce the same text (checked). Ratios are
    medians over back-to-back pairs, so a machine that is busy for a while slows both sides alike.
-2. Bandwidth bound. A token of decode reads every weight once, so tokens/s ≤ bandwidth / bytes of
+2. Repacking. The same engine loaded with `repack=False` (edgezh's default: batch-invariant
+   answers, see `edgezh.runtime.loader`) and `repack=True` (llama.cpp's default), alternating:
+   decode tok/s and prompt evaluation (time to first token, cache cleared) of one stream.
+3. Bandwidth bound. A token of decode reads every weight once, so tokens/s ≤ bandwidth / bytes of
    tensor data. Bandwidth is measured with numpy copies of a 512 MiB array (read + write bytes), on
    one thread and on `--threads` threads (the count llama.cpp decodes with); the fraction reached
    is reported against the larger of the two.
@@ -114,7 +119,7 @@ def run_baseline(llama, prompt: str, settings: dict, tokens: int) -> dict:
 
 
 def run_engine(engine, messages: list, params, tokens: int) -> dict:
-    engine.llama.reset()
+    engine.loop.clear()
     start = time.perf_counter()
     first = last = None
     generation = engine.chat(messages, params)
@@ -123,18 +128,17 @@ def run_engine(engine, messages: list, params, tokens: int) -> dict:
         first = first or last
     end = time.perf_counter()
     return {"text": generation.text, "ttft": first - start, "first": first, "last": last, "end": end,
-            "sampled": engine.llama.n_tokens - len(generation.prompt) + 1}
+            "sampled": len(generation.tokens) + (generation.stop_token is not None)}
 
 
 def overhead(path: Path, threads: int, tokens: int, reps: int) -> dict:
     import llama_cpp
 
-    from edgezh import templates
     from edgezh.runtime.engine import Engine, SamplingParams
 
     llama = llama_cpp.Llama(str(path), n_ctx=1024, n_threads=threads, n_threads_batch=threads, n_gpu_layers=0,
                             verbose=False)
-    engine = Engine(llama, templates.get("chatml"), path=path, n_threads=threads)
+    engine = Engine.load(path, template="chatml", n_ctx=1024, n_threads=threads, n_gpu_layers=0, repack=True)
     messages = [{"role": "system", "content": engine.format.default_system}, {"role": "user", "content": PROMPT}]
     prompt = engine.render(messages)
     settings = dict(temperature=0.7, top_p=0.9, top_k=40, min_p=0.05, repeat_penalty=1.1, seed=1234)
@@ -166,7 +170,38 @@ def overhead(path: Path, threads: int, tokens: int, reps: int) -> dict:
     result["tps_ratio"] = statistics.median(tps(e) / tps(b) for b, e in pairs)
     result["ttft_ratio"] = statistics.median(e["ttft"] / b["ttft"] for b, e in pairs)
     engine.close()
+    llama.close()
     return result
+
+
+def repacking(path: Path, threads: int, tokens: int, reps: int) -> dict:
+    """One stream's decode tok/s and TTFT with llama.cpp's repacked weights off (edgezh's default) and on."""
+    from edgezh.runtime.engine import Engine, SamplingParams
+
+    engines = {repack: Engine.load(path, template="chatml", n_ctx=1024, n_threads=threads, n_gpu_layers=0,
+                                   repack=repack) for repack in (False, True)}
+    messages = [{"role": "system", "content": engines[False].format.default_system},
+                {"role": "user", "content": PROMPT}]
+    params = SamplingParams(max_tokens=tokens, temperature=0.7, seed=1234)
+    rows = {False: [], True: []}
+    for engine in engines.values():
+        run_engine(engine, messages, params, tokens)
+    for rep in range(reps):
+        for repack in ((False, True) if rep % 2 == 0 else (True, False)):
+            rows[repack].append(run_engine(engines[repack], messages, params, tokens))
+    for engine in engines.values():
+        engine.close()
+
+    def tps(r: dict) -> float:
+        return (r["sampled"] - 1) / (r["last"] - r["first"])
+
+    pairs = list(zip(rows[False], rows[True]))
+    return {"file": path.name, "off": {"decode_tps": statistics.median(map(tps, rows[False])),
+                                       "ttft_s": statistics.median(r["ttft"] for r in rows[False])},
+            "on": {"decode_tps": statistics.median(map(tps, rows[True])),
+                   "ttft_s": statistics.median(r["ttft"] for r in rows[True])},
+            "tps_ratio": statistics.median(tps(off) / tps(on) for off, on in pairs),
+            "ttft_ratio": statistics.median(off["ttft"] / on["ttft"] for off, on in pairs)}
 
 
 def main() -> None:
@@ -196,6 +231,7 @@ def main() -> None:
         row["fraction_of_bound"] = row["edgezh"]["decode_tps"] / row["bound_tps"]
         results["models"].append(row)
         print(f"{kind}: done", file=sys.stderr)
+    results["repack"] = [repacking(ggufs[kind], args.threads, args.tokens, args.reps) for kind in ("q4_k_m", "q8_0")]
     (args.work / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
 
     print(f"Memory bandwidth (numpy copy, read+write, 512 MiB): {bw['single_thread_gbs']:.1f} GB/s on 1 thread, "
@@ -207,6 +243,12 @@ def main() -> None:
         print(f"| {row['kind']} | {row['prompt_tokens']} + {row['tokens']} | {b['ttft_s'] * 1000:.0f} ms | "
               f"{e['ttft_s'] * 1000:.0f} ms | {row['ttft_ratio']:.3f}× | {b['decode_tps']:.1f} tok/s | "
               f"{e['decode_tps']:.1f} tok/s | {row['tps_ratio']:.3f}× |")
+    print("\n| GGUF | decode, repack off | decode, repack on | ratio off/on | TTFT off | TTFT on | ratio off/on |")
+    print("|---|---|---|---|---|---|---|")
+    for row in results["repack"]:
+        print(f"| {row['file']} | {row['off']['decode_tps']:.1f} tok/s | {row['on']['decode_tps']:.1f} tok/s | "
+              f"{row['tps_ratio']:.3f}× | {row['off']['ttft_s'] * 1000:.0f} ms | {row['on']['ttft_s'] * 1000:.0f} ms | "
+              f"{row['ttft_ratio']:.3f}× |")
     print("\n| GGUF | tensor data | bound (bandwidth ÷ bytes) | edgezh decode | fraction of bound |")
     print("|---|---|---|---|---|")
     for row in results["models"]:

@@ -58,6 +58,17 @@ def smollm2_f16_gguf(smollm2: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_q4_gguf(smollm2_f16_gguf: Path) -> Path:
+    """SmolLM2 quantized by llama.cpp to q4_k_m (Q4_K: the weights llama.cpp repacks on the CPU)."""
+    from edgezh.export.quantize import quantize
+
+    out = smollm2_f16_gguf.with_name(smollm2_f16_gguf.stem + "-q4_k_m.gguf")
+    if not out.is_file():
+        quantize(smollm2_f16_gguf, out, "q4_k_m")
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_build() -> Path:
     """The tiny-llama3 recipe built in full by the pipeline (cached): manifests, q4_k_m, q8_0, Modelfiles."""
     from edgezh.pipeline import make_plan, run_plan
@@ -133,7 +144,6 @@ class ThreadServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
-        self.app.state.scheduler.executor.shutdown(wait=True, cancel_futures=True)
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
@@ -197,7 +207,7 @@ class ScriptedEngine:
         return getattr(self.engine, name)
 
     def chat(self, messages: list[dict[str, Any]], params: Any, *, tools: Any = None, cancel: Any = None,
-             allow_drop: bool = True) -> _ScriptedGeneration:
+             allow_drop: bool = True, adapters: str | None = None) -> _ScriptedGeneration:
         self.engine._check(params)
         tokens, dropped = self.engine.fit(messages, tools, reserve=params.max_tokens, allow_drop=allow_drop)
         self.prompts.append(messages)

@@ -1,6 +1,8 @@
 """`edgezh serve` with the official openai client: chat (streaming or not), completions, models, tools;
-bad requests get 4xx JSON; 20 concurrent requests finish or get 429 and none hang; the server serves on.
-Every server binds 127.0.0.1 on a free port and is stopped by its fixture or test."""
+bad requests get 4xx JSON; 20 concurrent requests finish or get 429 and none hang; the server serves on;
+4 parallel streaming clients get the answers they get alone; structured output (response_format) that
+validates against its schema; logprobs, n > 1 and seed. Every server binds 127.0.0.1 on a free port and
+is stopped by its fixture or test."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import pytest
 
 from conftest import ROOT, run_cli
 from test_runtime_fixtures import (ThreadServer, engine_for, free_port, grammar_for, smollm2_f16_gguf,  # noqa: F401
-                                   tiny31_gguf, tiny_gguf)
+                                   smollm2_q4_gguf, tiny31_gguf, tiny_gguf)
 
 KEY = "test-key-123"
 CALCULATOR = {"type": "function", "function": {
@@ -124,7 +126,7 @@ def test_completions_and_models(client: openai.OpenAI) -> None:
     ({"model": "smol", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**9}, 400, "max_tokens"),
     ({"model": "smol", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
     ({"model": "smol", "messages": []}, 400, "messages"),
-    ({"model": "smol", "messages": [{"role": "user", "content": "hi"}], "n": 3}, 400, "n"),
+    ({"model": "smol", "messages": [{"role": "user", "content": "hi"}], "n": 17}, 400, "n"),
     ({"model": "smol", "messages": [{"role": "user", "content": "长" * 5000}]}, 400, "messages"),
     ({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
     ({"model": "smol", "messages": [{"role": "user", "content": "hi"}], "grammar": "root ::= nothing"}, 400, "grammar"),
@@ -219,8 +221,138 @@ def test_serve_cli_errors_are_one_line(tmp_path: Path) -> None:
     for args, message in [([str(tmp_path / "x.gguf")], "no such file or build folder"),
                           ([str(tmp_path), "--port", "0"], "not an edgezh build"),
                           (["--temperature", "9", str(tmp_path / "junk.gguf")], "temperature must be between 0 and 5"),
-                          ([str(tmp_path / "junk.gguf")], "not a GGUF file")]:
+                          ([str(tmp_path / "junk.gguf")], "not a GGUF file"),
+                          (["--parallel", "0", str(tmp_path / "junk.gguf")], "--parallel must be ≥ 1")]:
         result = run_cli("serve", *args, cwd=ROOT, timeout=60)
         output = (result.stdout + result.stderr).strip()
         assert result.returncode == 2 and message in output and "Traceback" not in output
         assert output.count("\n") == 0
+
+
+# --- parallel serving, structured output, logprobs, n ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def parallel_server(smollm2_q4_gguf: Path):
+    """SmolLM2 q4_k_m, 4 sequences decoding together."""
+    with ThreadServer(engine_for(smollm2_q4_gguf, parallel=4, n_ctx=1024), model_id="smol") as server:
+        yield server
+
+
+def smol_client(server: ThreadServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=300)
+
+
+def streamed(client: openai.OpenAI, question: str, **options) -> str:
+    chunks = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": question}],
+                                            stream=True, **options)
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+def test_four_parallel_streaming_clients_get_the_answers_they_get_alone(parallel_server: ThreadServer) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = smol_client(parallel_server)
+    questions = ["请介绍一下长城。", "Describe the water cycle.", "什么是人工智能？", "Name three planets."]
+    options = dict(max_tokens=64, temperature=0, seed=7)
+    alone = [streamed(client, q, **options) for q in questions]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda q: streamed(smol_client(parallel_server), q, **options), questions))
+    assert together == alone and all(alone)  # no 429 (openai would raise), the same text token for token
+    assert httpx.get(f"{parallel_server.url}/health").json()["queue"]["in_flight"] == 0
+
+
+SCHEMAS = [
+    {"type": "object", "additionalProperties": False, "required": ["city", "population_millions", "is_capital"],
+     "properties": {"city": {"type": "string", "maxLength": 20}, "population_millions": {"type": "number"},
+                    "is_capital": {"type": "boolean"}}},
+    {"type": "object", "required": ["name", "tags", "rating"],
+     "properties": {"name": {"type": "string", "maxLength": 24}, "rating": {"type": "integer"},
+                    "tags": {"type": "array", "minItems": 1, "maxItems": 3,
+                             "items": {"type": "string", "enum": ["food", "travel", "history", "science"]}}}},
+    {"type": "object", "required": ["answer", "confidence", "date"],
+     "properties": {"answer": {"enum": ["yes", "no", "maybe"]},
+                    "confidence": {"type": "string", "pattern": "^(low|medium|high)$"},
+                    "date": {"type": "string", "format": "date"}}},
+    {"$defs": {"person": {"type": "object", "required": ["name", "age"],
+                          "properties": {"name": {"type": "string", "maxLength": 16}, "age": {"type": "integer"}}}},
+     "type": "object", "required": ["people"],
+     "properties": {"people": {"type": "array", "items": {"$ref": "#/$defs/person"}, "minItems": 1, "maxItems": 2}}},
+]
+PROMPTS = ["用 JSON 描述一个中国城市。", "Describe a restaurant as JSON.", "明天会下雨吗？用 JSON 回答。",
+           "List two people with their ages as JSON."]
+
+
+def test_100_structured_responses_validate_streamed_and_not(parallel_server: ThreadServer) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import jsonschema
+
+    def one(index: int) -> tuple[str, str, dict]:
+        schema = SCHEMAS[index % 4]
+        body = dict(model="smol", messages=[{"role": "user", "content": PROMPTS[index % 4]}], max_tokens=120,
+                    temperature=0.8, seed=index,
+                    response_format={"type": "json_schema", "json_schema": {"name": f"s{index % 4}", "schema": schema}})
+        client = smol_client(parallel_server)
+        if index % 2:
+            chunks = list(client.chat.completions.create(stream=True, **body))
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            finish = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+        else:
+            reply = client.chat.completions.create(**body)
+            text, finish = reply.choices[0].message.content, reply.choices[0].finish_reason
+        return text, finish, schema
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(one, range(100)))
+    valid = 0
+    for text, finish, schema in results:
+        assert finish == "stop", text
+        jsonschema.validate(json.loads(text), schema)
+        valid += 1
+    assert valid == 100 and len({text for text, _, _ in results}) > 20  # sampled: varied answers, all valid
+
+
+def test_json_object_and_unsupported_schema_keywords(parallel_server: ThreadServer) -> None:
+    client = smol_client(parallel_server)
+    reply = client.chat.completions.create(model="smol", max_tokens=120, temperature=0,
+                                           messages=[{"role": "user", "content": "Give me a JSON object about a cat."}],
+                                           response_format={"type": "json_object"})
+    assert reply.choices[0].finish_reason == "stop" and isinstance(json.loads(reply.choices[0].message.content), dict)
+    bad = {"type": "object", "properties": {"age": {"type": "integer", "minimum": 0}}, "required": ["age"]}
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "hi"}],
+                                       response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": bad}})
+    error = caught.value.body
+    assert "'minimum'" in error["message"] and error["param"] == "response_format.json_schema.schema.properties.age.minimum"
+    for schema, keyword in [({"type": "array", "uniqueItems": True, "items": {"type": "string"}}, "uniqueItems"),
+                            ({"type": "object", "patternProperties": {"^a": {"type": "string"}}}, "patternProperties"),
+                            ({"not": {"type": "string"}}, "not")]:
+        response = httpx.post(f"{parallel_server.url}/v1/chat/completions", timeout=30, json={
+            "model": "smol", "messages": [{"role": "user", "content": "hi"}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}})
+        assert response.status_code == 400 and f"'{keyword}'" in response.json()["error"]["message"]
+
+
+def test_logprobs_n_and_seed(parallel_server: ThreadServer) -> None:
+    client = smol_client(parallel_server)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    reply = client.chat.completions.create(model="smol", messages=messages, max_tokens=12, temperature=0,
+                                           logprobs=True, top_logprobs=2)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens
+    assert "".join(item.token for item in content) == reply.choices[0].message.content
+    assert all(item.logprob <= 0 and len(item.top_logprobs) == 2 and item.top_logprobs[0].token == item.token
+               for item in content)
+    chunks = list(client.chat.completions.create(model="smol", messages=messages, max_tokens=12, temperature=0,
+                                                 logprobs=True, stream=True))
+    assert sum(len(c.choices[0].logprobs.content) for c in chunks if c.choices and c.choices[0].logprobs) == len(content)
+    sampled = dict(model="smol", messages=[{"role": "user", "content": "讲一个笑话。"}], max_tokens=24, temperature=1.0)
+    three = client.chat.completions.create(n=3, seed=11, **sampled)
+    one = client.chat.completions.create(n=1, seed=11, **sampled)
+    texts = [choice.message.content for choice in sorted(three.choices, key=lambda c: c.index)]
+    assert len(texts) == 3 and texts[0] == one.choices[0].message.content and len(set(texts)) > 1
+    assert three.usage.completion_tokens > one.usage.completion_tokens
+    streamed_three = list(client.chat.completions.create(n=3, seed=11, stream=True, **sampled))
+    by_choice = ["".join(c.choices[0].delta.content or "" for c in streamed_three if c.choices and c.choices[0].index == i)
+                 for i in range(3)]
+    assert by_choice == texts

@@ -18,7 +18,8 @@ from conftest import ROOT, run_cli
 from edgezh.runtime.engine import Engine, SamplingParams
 from edgezh.runtime.tools import Toolbox, builtin_tools
 from edgezh.tui import ChatApp, ChatConfig
-from edgezh.tui.widgets import AnswerMessage, ConfirmTool, NoticeMessage, PromptInput, ToolMessage, UserMessage
+from edgezh.tui.widgets import (AnswerMessage, ConfirmTool, NoticeMessage, PromptInput, StreamingAnswer, ToolMessage,
+                               UserMessage)
 from test_runtime_fixtures import ScriptedEngine, engine_for, tiny31_gguf, tiny_gguf  # noqa: F401
 
 SIZE = (110, 34)
@@ -37,10 +38,11 @@ class RecordingApp(ChatApp):
         self.notes.append((message, severity))
         super().notify(message, title=title, severity=severity, timeout=timeout, markup=markup)
 
-    def on_turn_event(self, message) -> None:
-        """Runs with the app's own handler: what the answer box held as each event arrived."""
+    async def _show_incoming(self) -> None:
+        """The app's repaint of the streaming answer, remembering how much it showed each time."""
+        await super()._show_incoming()
         shown = answers(self)
-        self.seen.append((type(message.event).__name__, len(shown[-1].source) if shown else 0))
+        self.seen.append((type(shown[-1]).__name__ if shown else "", len(shown[-1].source) if shown else 0))
 
 
 async def until(pilot, condition, timeout: float = 60.0, what: str = "condition") -> None:
@@ -64,8 +66,9 @@ async def type_text(pilot, text: str) -> None:
             await pilot.pause()
 
 
-def answers(app: ChatApp) -> list[AnswerMessage]:
-    return list(app.query(AnswerMessage))
+def answers(app: ChatApp) -> list[AnswerMessage | StreamingAnswer]:
+    """The answers on screen, the one streaming included."""
+    return list(app.query("AnswerMessage, StreamingAnswer"))
 
 
 def config(model: Path, tmp_path: Path, **changes) -> ChatConfig:
@@ -77,17 +80,18 @@ def config(model: Path, tmp_path: Path, **changes) -> ChatConfig:
 def test_type_chinese_and_see_the_answer_stream(tiny_gguf: Path, tmp_path: Path) -> None:
     """The app loads the model itself (in a worker), takes Chinese typed key by key, streams the answer."""
     async def scenario() -> None:
-        app = RecordingApp(config(tiny_gguf, tmp_path, params=SamplingParams(max_tokens=120, seed=5)))
+        app = RecordingApp(config(tiny_gguf, tmp_path, params=SamplingParams(max_tokens=240, seed=5)))
         async with app.run_test(size=SIZE) as pilot:
             await until(pilot, lambda: app.session is not None, what="the model to load")
             await type_text(pilot, "你好，世界！")
             assert app.query_one(PromptInput).text == "你好，世界！"
             await pilot.press("enter")
             assert app.query_one(PromptInput).text == ""
-            await until(pilot, lambda: not app.generating and answers(app), what="the answer")
+            await until(pilot, lambda: not app.generating and answers(app), timeout=300, what="the answer")
             final = len(answers(app)[0].source)
-            partial = {n for kind, n in app.seen if kind == "Delta" and 0 < n < final}
-            assert len(partial) > 3  # the box grew delta by delta before the answer was complete
+            partial = {n for kind, n in app.seen if kind == "StreamingAnswer" and 0 < n < final}
+            assert len(partial) > 1  # the box grew while the answer streamed, before it was complete
+            assert isinstance(answers(app)[0], AnswerMessage)  # then rendered once as Markdown
             assert [w.text for w in app.query(UserMessage)] == ["你好，世界！"]
             assert answers(app)[0].source == app.session.messages[-1]["content"]
             status = str(app.query_one("#status").render())
@@ -291,8 +295,12 @@ def test_snapshot_resumed_chat(snap_compare, tiny_gguf: Path, tmp_path: Path) ->
     engine = stable_engine(tiny_gguf, tmp_path, "tiny-llama3-f16.gguf")
     app = ChatApp(ChatConfig(model=engine.path, resume=write_history(tmp_path / "old.jsonl"), threads=2,
                              gpu_layers=0, params=SamplingParams(max_tokens=256)), engine=engine)
+    async def still(pilot) -> None:  # a blinking cursor would make the frame depend on timing
+        app.query_one(PromptInput).cursor_blink = False
+        await pilot.pause()
+
     try:
-        assert snap_compare(app, terminal_size=SIZE)
+        assert snap_compare(app, terminal_size=SIZE, run_before=still)
     finally:
         engine.close()
 
@@ -304,6 +312,7 @@ def test_snapshot_tool_confirmation(snap_compare, tiny31_gguf: Path, tmp_path: P
                              toolbox=Toolbox(builtin_tools())), engine=engine)
 
     async def ask(pilot) -> None:
+        app.query_one(PromptInput).cursor_blink = False
         await type_text(pilot, "6乘以7")
         await pilot.press("enter")
         await until(pilot, lambda: isinstance(app.screen, ConfirmTool), what="the confirmation")
@@ -354,6 +363,45 @@ def test_smoke_real_terminal_under_tmux(tiny_gguf: Path, tmp_path: Path) -> None
         tmux("kill-server", socket=socket)
     lines = [json.loads(line) for line in history.read_text(encoding="utf-8").splitlines()]
     assert lines[2] == {"role": "user", "content": "你好"} and lines[3]["role"] == "assistant"
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+def test_a_truncated_model_on_a_terminal_is_one_line_before_any_ui(tiny_gguf: Path, tmp_path: Path) -> None:
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(tiny_gguf.read_bytes()[:tiny_gguf.stat().st_size // 3])
+    socket = tmp_path / "tmux.sock"
+    command = [sys.executable, "-m", "edgezh.cli", "chat", str(cut), "--threads", "2"]
+    shell = f"cd {ROOT} && env LANG=C.UTF-8 TERM=xterm-256color {' '.join(map(_quote, command))}; echo EXITED=$?; sleep 30"
+    tmux("new-session", "-d", "-s", "chat", "-x", "200", "-y", "20", shell, socket=socket)
+    try:
+        deadline = time.monotonic() + 60
+        while "EXITED=" not in (shown := tmux("capture-pane", "-p", "-t", "chat", socket=socket)):
+            assert time.monotonic() < deadline, shown
+            time.sleep(0.2)
+    finally:
+        tmux("kill-server", socket=socket)
+    lines = [line for line in shown.splitlines() if line.strip()]
+    assert lines[-1] == "EXITED=2" and len(lines) == 2, shown  # the error line, then the exit code: no app drawn
+    assert lines[0].startswith("error:") and "corrupt or truncated" in lines[0]
+
+
+def test_chat_without_a_terminal_is_a_plain_line_by_line_chat(tiny_gguf: Path, tmp_path: Path) -> None:
+    """stdin and stdout are pipes: no Textual app (it would spin without a terminal); one answer per line read,
+    then exit 0 at the end of input."""
+    history = tmp_path / "plain.jsonl"
+    result = subprocess.run([sys.executable, "-m", "edgezh.cli", "chat", str(tiny_gguf), "--max-tokens", "8",
+                             "--threads", "2", "--seed", "3", "--history", str(history)],
+                            cwd=ROOT, input="你好\n\n再见\n", capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    saved = [json.loads(line) for line in history.read_text(encoding="utf-8").splitlines()]
+    assert [m.get("role") for m in saved[1:]] == ["system", "user", "assistant", "user", "assistant"]
+    assert result.stdout == saved[3]["content"] + "\n" + saved[5]["content"] + "\n"
+    assert "tok/s" in result.stderr and "\x1b[" not in result.stdout  # stats on stderr, no terminal codes
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(tiny_gguf.read_bytes()[:tiny_gguf.stat().st_size // 3])
+    failed = run_cli("chat", str(cut), cwd=ROOT, timeout=60)
+    output = (failed.stdout + failed.stderr).strip()
+    assert failed.returncode == 2 and output.startswith("error:") and output.count("\n") == 0
 
 
 def test_chat_cli_errors_are_one_line(tmp_path: Path) -> None:

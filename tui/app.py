@@ -1,10 +1,18 @@
 """`edgezh chat`: a Textual chat over the runtime engine.
 
-One thread worker per answer iterates `ChatSession.run_turn` and posts typed messages; the
-handlers (on the UI thread) stream Markdown, show tool calls and ask before running them, and
-update the status line. The UI never waits for llama.cpp. Errors are notifications
-(`notify(severity="error")`), and a message that could not be answered goes back into the
-input box, so nothing typed is lost.
+One thread worker per answer iterates `ChatSession.run_turn`. Text deltas are not messages: the
+worker appends them to a buffer and a UI timer shows what arrived at most `STREAM_REFRESH_HZ`
+times a second, as plain text that only grows (`StreamingAnswer`); the answer is rendered as
+Markdown once, when it is complete. So the UI costs a few repaints a second however fast the
+model decodes, and llama.cpp's threads keep the cores (the status line's tok/s is the engine's
+own decode rate). Every other event (tool calls, notices, the end of a step) is a typed message
+whose handler first shows the buffered text. The UI never waits for llama.cpp. Errors are
+notifications (`notify(severity="error")`), and a message that could not be answered goes back
+into the input box, so nothing typed is lost.
+
+LoRA adapter sets (`--lora`): the status line says which one the answers use ("LoRA: zh ×0.8",
+"LoRA: off"), and Ctrl+L cycles base → set 1 → set 2 → …; the next answer uses the new set and the
+conversation stays. Without adapter sets neither the binding nor the status part is shown.
 """
 
 from __future__ import annotations
@@ -19,15 +27,20 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
-from textual.widgets import Button, Footer, Header, Markdown, Static
+from textual.widgets import Button, Footer, Header, Static
 
 from edgezh.errors import UserError
 from edgezh.runtime import chat as chat_events
+from edgezh.runtime.adapters import AdapterSet
 from edgezh.runtime.chat import ChatSession, default_history_path
 from edgezh.runtime.engine import Engine, SamplingParams, Stats
 from edgezh.runtime.tools import ToolCall, Toolbox
 
-from .widgets import AnswerMessage, ConfirmTool, NoticeMessage, PromptInput, SettingsPanel, ToolMessage, UserMessage
+from .widgets import (AnswerMessage, ConfirmTool, NoticeMessage, PromptInput, SettingsPanel, StreamingAnswer, ToolMessage,
+                      UserMessage)
+
+STREAM_REFRESH_HZ = 10
+"""Repaints a second while an answer streams."""
 
 
 @dataclass
@@ -48,6 +61,10 @@ class ChatConfig:
     toolbox: Toolbox = field(default_factory=Toolbox)
     auto_confirm: bool = False
     """--yes: run tool calls without asking."""
+    repack: bool = False
+    """--repack: llama.cpp's repacked CPU weights (see `edgezh.runtime.loader`)."""
+    adapters: tuple[AdapterSet, ...] = ()
+    """--lora: LoRA adapter sets to load with the model (Ctrl+L switches between them)."""
 
 
 class EngineLoaded(Message):
@@ -86,6 +103,7 @@ class ChatApp(App[int]):
         Binding("ctrl+n", "new_chat", "New chat"),
         Binding("ctrl+o", "copy_last", "Copy answer"),
         Binding("f2", "toggle_settings", "Settings"),
+        Binding("ctrl+l", "cycle_lora", "LoRA", priority=True),
         Binding("ctrl+q", "quit", "Quit", priority=True),
     ]
 
@@ -99,9 +117,10 @@ class ChatApp(App[int]):
         self.generating = False
         self.cancel_event = threading.Event()
         self.last_stats: Stats | None = None
-        self._answer: AnswerMessage | None = None
+        self._answer: StreamingAnswer | None = None
         self._finished_answer: AnswerMessage | None = None
-        self._stream = None
+        self._incoming: list[str] = []
+        self._incoming_lock = threading.Lock()
         self._tool_widgets: dict[str, ToolMessage] = {}
         self._pending_text = ""
         self._confirm_done: threading.Event | None = None
@@ -125,6 +144,7 @@ class ChatApp(App[int]):
         self.sub_title = self.config.model.name
         self.query_one("#conversation", VerticalScroll).anchor()
         self.query_one(PromptInput).focus()
+        self._repaint = self.set_interval(1 / STREAM_REFRESH_HZ, self._show_incoming, pause=True)
         if self.engine is not None:
             self._engine_ready(self.engine)
         else:
@@ -135,7 +155,8 @@ class ChatApp(App[int]):
     def _load(self, n_ctx: int | None, threads: int | None, gpu_layers: int | None) -> None:
         try:
             engine = self.loader(self.config.model, template=self.config.template, n_ctx=n_ctx,
-                                 n_threads=threads, n_gpu_layers=gpu_layers)
+                                 n_threads=threads, n_gpu_layers=gpu_layers, repack=self.config.repack,
+                                 adapters=self.config.adapters)
         except UserError as exc:
             self.post_message(EngineFailed(str(exc)))
         except Exception as exc:  # a bug, but the user keeps the app and what they typed
@@ -167,6 +188,7 @@ class ChatApp(App[int]):
         else:
             self.session.engine = engine
         self.sub_title = f"{engine.name} · {engine.format.name}"
+        self.refresh_bindings()  # Ctrl+L shows when the engine has adapter sets
         self._show_context()
 
     def _start_session(self, engine: Engine) -> None:
@@ -236,6 +258,7 @@ class ChatApp(App[int]):
         self.cancel_event = threading.Event()
         self._answer = None
         self._set_status("生成中… Esc 取消 · generating, Esc cancels")
+        self._repaint.resume()
         self._run_turn(text, settings.params)
 
     @work(thread=True, group="turn", exit_on_error=False)
@@ -243,7 +266,11 @@ class ChatApp(App[int]):
         assert self.session is not None
         try:
             for event in self.session.run_turn(text, params, cancel=self.cancel_event):
-                self.post_message(TurnEvent(event))
+                if isinstance(event, chat_events.Delta):
+                    with self._incoming_lock:  # shown by the UI timer, not one message per token
+                        self._incoming.append(event.text)
+                else:
+                    self.post_message(TurnEvent(event))
         except UserError as exc:
             self.post_message(TurnFailed(str(exc), text))
         except Exception as exc:
@@ -279,27 +306,41 @@ class ChatApp(App[int]):
         if isinstance(self.screen, ConfirmTool):
             self.screen.dismiss(False)
 
+    async def _show_incoming(self) -> None:
+        """Append what the worker buffered to the streaming answer (the UI timer, and before events)."""
+        with self._incoming_lock:
+            text, self._incoming = "".join(self._incoming), []
+        if not text:
+            return
+        if self._answer is None:
+            self._answer = StreamingAnswer()
+            await self.query_one("#conversation", VerticalScroll).mount(self._answer)
+        self._answer.append(text)
+
+    async def _finish_answer(self, text: str | None) -> AnswerMessage | None:
+        """Replace the streaming text by the answer rendered as Markdown (`text`: what to show,
+        the ReAct final answer for instance; None: drop it, a tool widget shows the call)."""
+        streaming, self._answer = self._answer, None
+        if streaming is None:
+            return None
+        answer = None
+        if text is not None:
+            answer = AnswerMessage(text)
+            await self.query_one("#conversation", VerticalScroll).mount(answer, before=streaming)
+        await streaming.remove()
+        return answer
+
     @on(TurnEvent)
     async def _on_turn_event(self, message: TurnEvent) -> None:
         event = message.event
         conversation = self.query_one("#conversation", VerticalScroll)
-        if isinstance(event, chat_events.Delta):
-            if self._answer is None:
-                self._answer = AnswerMessage()
-                await conversation.mount(self._answer)
-                self._stream = Markdown.get_stream(self._answer)
-            await self._stream.write(event.text)
-        elif isinstance(event, chat_events.Notice):
+        await self._show_incoming()
+        if isinstance(event, chat_events.Notice):
             await conversation.mount(NoticeMessage(event.text))
             self.notify(event.text, severity=event.severity)  # type: ignore[arg-type]
         elif isinstance(event, chat_events.StepDone):
-            await self._end_stream()
-            if event.tool_calls and self._answer is not None:
-                await self._answer.remove()  # the raw call text; the tool widget shows it
-            elif self._answer is not None and event.text != self._answer.source:
-                await self._answer.update(event.text)  # ReAct: show the final answer only
-            self._finished_answer = None if event.tool_calls else self._answer
-            self._answer = None
+            finished = await self._finish_answer(None if event.tool_calls else event.text)
+            self._finished_answer = None if event.tool_calls else finished
             self._show_stats(event.stats)
         elif isinstance(event, chat_events.ToolRequest):
             widget = ToolMessage(event.call.describe())
@@ -314,8 +355,7 @@ class ChatApp(App[int]):
             else:
                 widget.show(event.result, status)
         elif isinstance(event, chat_events.TurnDone):
-            await self._end_stream()
-            answer = self._answer or self._finished_answer
+            answer = await self._finish_answer(event.text) or self._finished_answer
             if event.finish_reason == "cancelled":
                 if answer is not None:
                     answer.border_subtitle = "已取消 · cancelled"
@@ -325,18 +365,16 @@ class ChatApp(App[int]):
                 answer.border_subtitle = "达到长度上限 · max tokens reached"
             self._answer = self._finished_answer = None
             self.generating = False
+            self._repaint.pause()
             self._pending_text = ""
             self._show_stats(event.stats)
 
-    async def _end_stream(self) -> None:
-        if self._stream is not None:
-            await self._stream.stop()
-            self._stream = None
-
     @on(TurnFailed)
     async def _on_turn_failed(self, message: TurnFailed) -> None:
-        await self._end_stream()
+        await self._show_incoming()
+        await self._finish_answer(None)
         self.generating = False
+        self._repaint.pause()
         if self._user_widget is not None and self.session is not None and \
                 not any(m.get("role") == "user" and m.get("content") == message.text for m in self.session.messages[-1:]):
             await self._user_widget.remove()
@@ -352,6 +390,8 @@ class ChatApp(App[int]):
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "cancel":
             return self.generating  # when idle, Esc and Ctrl+C keep their usual meaning
+        if action == "cycle_lora":
+            return bool(self.engine is not None and self.engine.adapter_sets)
         return True
 
     async def action_quit(self) -> None:
@@ -387,6 +427,24 @@ class ChatApp(App[int]):
         self.copy_to_clipboard(answer)
         self.notify("已复制最后的回答 · last answer copied")
 
+    def action_cycle_lora(self) -> None:
+        """The next LoRA adapter set (after the last one: the base alone) for the next answers."""
+        if self.engine is None or self.session is None or not self.engine.adapter_sets:
+            return
+        names = [None] + [item.name for item in self.engine.adapter_sets]
+        current = names.index(self.session.adapters) if self.session.adapters in names else 0
+        self.session.adapters = names[(current + 1) % len(names)]
+        self.notify(f"{self._lora_text()} · 下一个回答使用 · the next answer uses it")
+        if not self.generating:
+            self._show_context()
+
+    def _lora_text(self) -> str:
+        """`LoRA: zh ×0.8` or `LoRA: off` ('' when the engine has no adapter sets)."""
+        if self.engine is None or not self.engine.adapter_sets:
+            return ""
+        active = self.engine.adapter_set(self.session.adapters if self.session else None)
+        return f"LoRA: {active.label() if active else 'off'}"
+
     def action_toggle_settings(self) -> None:
         panel = self.query_one(SettingsPanel)
         panel.display = not panel.display
@@ -419,7 +477,8 @@ class ChatApp(App[int]):
         self.last_stats = stats
         engine = self.engine
         prefix = f"{engine.name} · {engine.format.name} · " if engine else ""
-        self._set_status(prefix + stats.summary())
+        lora = self._lora_text()
+        self._set_status(prefix + stats.summary() + (f" · {lora}" if lora else ""))
 
     def _show_context(self) -> None:
         """Context in use by the conversation so far (before any answer in this run)."""
@@ -430,7 +489,9 @@ class ChatApp(App[int]):
         except UserError:
             used = 0
         gpu = "GPU" if self.engine.n_gpu_layers else "CPU"
-        self._set_status(f"{self.engine.name} · {self.engine.format.name} · {gpu} · ctx {used}/{self.engine.n_ctx}")
+        lora = self._lora_text()
+        self._set_status(f"{self.engine.name} · {self.engine.format.name} · {gpu} · ctx {used}/{self.engine.n_ctx}"
+                         + (f" · {lora}" if lora else ""))
 
 
 def _as_dict(arguments: object) -> dict:

@@ -24,8 +24,22 @@ class UserMessage(Static):
         self.border_title = "你 · You"
 
 
+class StreamingAnswer(Static):
+    """The answer while it streams: plain text that only grows (no Markdown parse per delta);
+    the app replaces it by an `AnswerMessage` rendered once when the answer is complete."""
+
+    def __init__(self) -> None:
+        super().__init__("", markup=False)
+        self.source = ""
+        self.border_title = "助手 · Assistant"
+
+    def append(self, text: str) -> None:
+        self.source += text
+        self.update(self.source)
+
+
 class AnswerMessage(Markdown):
-    """The assistant's answer, rendered as Markdown while it streams."""
+    """The assistant's answer, rendered as Markdown (once, when it is complete)."""
 
     def __init__(self, text: str = "", *, note: str | None = None):
         super().__init__(text)

@@ -29,6 +29,12 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: physical cores)")
     p.add_argument("--gpu-layers", type=int, metavar="N", help="layers on the GPU (default: all when llama.cpp "
                    "was built with CUDA/Metal/Vulkan, else 0)")
+    p.add_argument("--repack", action="store_true", help="let llama.cpp repack quantized weights for its CPU "
+                   "kernels (its default; answers then depend on how many requests decode together)")
+    p.add_argument("--lora", action="append", metavar="SPEC", help="a LoRA adapter set, SPEC = [NAME=]FILE[:SCALE][,FILE[:SCALE]…]: "
+                   "adapter GGUFs applied together, each with its scale (default 1.0); repeat for several sets. "
+                   "NAME defaults to the file stems joined by '+'; serve offers each set as MODEL:NAME, the chat "
+                   "switches with Ctrl+L (plain chat: /lora NAME|off)")
     s = p.add_argument_group("sampling (defaults: the build's Modelfile settings)")
     s.add_argument("--temperature", type=float)
     s.add_argument("--top-p", type=float)
@@ -55,6 +61,8 @@ def add_chat_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--history", metavar="FILE", help="where to save this chat (default: a new file under "
                    "$EDGEZH_CACHE/chats/)")
     p.add_argument("--yes", "-y", action="store_true", help="run tool calls without asking")
+    p.add_argument("--plain", action="store_true", help="a line-by-line chat on stdin/stdout instead of the "
+                   "terminal app (the default when stdin or stdout is not a terminal)")
     _add_tool_arguments(p)
     return p
 
@@ -66,8 +74,10 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=DEFAULT_PORT)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $EDGEZH_API_KEY if set)")
     p.add_argument("--model-name", help="the model id clients send (default: the GGUF's file name without .gguf)")
+    p.add_argument("--parallel", type=int, metavar="N", help="sequences decoding together in one llama.cpp "
+                   "context (continuous batching; default: 4, fewer when their KV cache would not fit in memory)")
     p.add_argument("--queue", type=int, default=8, metavar="N",
-                   help="requests that may wait for the model; more get HTTP 429 (default 8)")
+                   help="requests that may wait for a free sequence; more get HTTP 429 (default 8)")
     return p
 
 
@@ -103,30 +113,90 @@ def _toolbox(args: argparse.Namespace) -> Any:
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    from edgezh.runtime.engine import check_gguf
+    """Load the model first (a model that cannot load is one error line, before any UI), then the
+    Textual app on a terminal, or the plain line-by-line chat without one."""
+    import sys
 
     source, params = _source_and_params(args)
-    check_gguf(source.path)  # a missing or non-GGUF file is a one-line error before the UI starts
+    adapters = _adapter_sets(args)
     toolbox = _toolbox(args)
     resume = Path(args.resume).expanduser() if args.resume else None
     if resume is not None:
         from edgezh.runtime.chat import ChatSession
 
         ChatSession.load_history(resume)  # a bad history file is a one-line error too
-    try:
-        from edgezh.tui import ChatApp, ChatConfig
-    except ModuleNotFoundError as exc:
-        if exc.name and exc.name.split(".")[0] in ("textual", "edgezh"):
-            raise UserError("the terminal chat needs Textual: pip install 'edgezh[tui]'") from None
-        raise
-    config = ChatConfig(model=source.path, template=args.template or source.template,
-                        system=args.system or source.system, n_ctx=args.ctx or source.defaults.get("n_ctx"),
-                        threads=args.threads, gpu_layers=args.gpu_layers, params=params, resume=resume,
-                        history=Path(args.history).expanduser() if args.history else None,
-                        toolbox=toolbox, auto_confirm=args.yes)
-    app = ChatApp(config)
+    plain = args.plain or not (sys.stdin.isatty() and sys.stdout.isatty())
+    if not plain:
+        try:
+            from edgezh.tui import ChatApp, ChatConfig
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.split(".")[0] in ("textual", "edgezh"):
+                raise UserError("the terminal chat needs Textual: pip install 'edgezh[tui]'") from None
+            raise
+    engine = _load_engine(args, source, parallel=1, adapters=adapters)
+    history = Path(args.history).expanduser() if args.history else None
+    system = args.system or source.system
+    if plain:
+        from edgezh.runtime.plain import plain_chat
+
+        return plain_chat(engine, params, system=system, toolbox=toolbox, resume=resume, history=history,
+                          auto_confirm=args.yes)
+    config = ChatConfig(model=source.path, template=args.template or source.template, system=system,
+                        n_ctx=args.ctx or source.defaults.get("n_ctx"), threads=args.threads,
+                        gpu_layers=args.gpu_layers, params=params, resume=resume, history=history,
+                        toolbox=toolbox, auto_confirm=args.yes, repack=args.repack, adapters=adapters)
+    app = ChatApp(config, engine=engine)
     app.run()
     return app.return_code or 0
+
+
+def _adapter_sets(args: argparse.Namespace) -> tuple[Any, ...]:
+    """The `--lora` sets, parsed (their files are checked when the model loads)."""
+    from edgezh.runtime.adapters import parse_specs
+
+    return parse_specs(getattr(args, "lora", None))
+
+
+def _load_engine(args: argparse.Namespace, source: Any, *, parallel: int, adapters: tuple[Any, ...] = ()) -> Any:
+    """The one load for chat and serve (errors are UserErrors)."""
+    import sys
+
+    from edgezh.runtime.engine import Engine
+
+    shown = sys.stderr.isatty()
+    if shown:  # on a terminal only, and erased after: an error stays the one line printed
+        print(f"loading {source.path.name} …", end="", file=sys.stderr, flush=True)
+    try:
+        return Engine.load(source.path, template=args.template or source.template,
+                           n_ctx=args.ctx or source.defaults.get("n_ctx"), n_threads=args.threads,
+                           n_gpu_layers=args.gpu_layers, parallel=parallel, repack=args.repack,
+                           adapters=adapters)
+    finally:
+        if shown:
+            print("\r\033[K", end="", file=sys.stderr, flush=True)
+
+
+def default_parallel(path: Path, n_ctx: int | None) -> int:
+    """4 sequences (llama-server's default slot count), fewer when their KV cache would take more
+    than a quarter of the memory that is available now."""
+    try:
+        import psutil
+
+        from edgezh.gguf_meta import read_metadata
+        from edgezh.sizes import kv_cache_bytes
+
+        meta = read_metadata(path, ["{arch}.block_count", "{arch}.attention.head_count",
+                                    "{arch}.attention.head_count_kv", "{arch}.embedding_length",
+                                    "{arch}.context_length"])
+        heads = int(meta["{arch}.attention.head_count"])
+        kv_heads = int(meta.get("{arch}.attention.head_count_kv") or heads)
+        ctx = n_ctx or min(4096, int(meta.get("{arch}.context_length") or 4096))
+        per_sequence = kv_cache_bytes(int(meta["{arch}.block_count"]), kv_heads,
+                                      int(meta["{arch}.embedding_length"]) // heads, ctx)
+        budget = psutil.virtual_memory().available // 4
+    except Exception:
+        return 4
+    return max(1, min(4, budget // max(1, per_sequence)))
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -135,17 +205,21 @@ def run_serve(args: argparse.Namespace) -> int:
         import uvicorn  # noqa: F401
     except ModuleNotFoundError:
         raise UserError("edgezh serve needs FastAPI and uvicorn: pip install 'edgezh[serve]'") from None
-    from edgezh.runtime.engine import Engine
     from edgezh.runtime.server import ServerConfig, serve
 
     source, params = _source_and_params(args)
+    adapters = _adapter_sets(args)
     if args.queue < 0:
         raise UserError(f"--queue must be ≥ 0, got {args.queue}")
+    if args.parallel is not None and args.parallel < 1:
+        raise UserError(f"--parallel must be ≥ 1, got {args.parallel}")
     if not 0 < args.port < 65536:
         raise UserError(f"--port {args.port} is not a TCP port")
-    engine = Engine.load(source.path, template=args.template or source.template,
-                         n_ctx=args.ctx or source.defaults.get("n_ctx"), n_threads=args.threads,
-                         n_gpu_layers=args.gpu_layers)
+    from edgezh.runtime.engine import check_gguf
+
+    check_gguf(source.path)
+    parallel = args.parallel or default_parallel(source.path, args.ctx or source.defaults.get("n_ctx"))
+    engine = _load_engine(args, source, parallel=parallel, adapters=adapters)
     config = ServerConfig(model_id=args.model_name or source.path.name.removesuffix(".gguf"),
                           api_key=args.api_key or os.environ.get("EDGEZH_API_KEY") or None,
                           queue_size=args.queue, defaults=params, system=args.system or source.system)

@@ -7,7 +7,7 @@ its result, and the finished turn with its stats. The conversation is kept in Op
 
 History file: one JSON object per line. The first line is `{"type": "edgezh-chat", ...}` (model,
 format, created); each later line is a message `{"role", "content", ...}`, an assistant message
-may carry `"meta"` (stats, cancelled). The file is rewritten atomically after every turn.
+may carry `"meta"` (stats, cancelled, the LoRA adapter set it was answered with). The file is rewritten atomically after every turn.
 """
 
 from __future__ import annotations
@@ -90,6 +90,8 @@ class ChatSession:
         self.toolbox = toolbox or Toolbox()
         self.confirm = confirm or (lambda call: False)
         self.history = history
+        self.adapters: str | None = None
+        """The engine's LoRA adapter set the next answers use (None: the base alone)."""
         self.messages: list[dict[str, Any]] = []
         self.created = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
         if messages:
@@ -184,7 +186,7 @@ class ChatSession:
             prepared = prepare(self._plain(self.messages), self.engine.format.supports_tools, tools)
             try:
                 generation = self.engine.chat(prepared.messages, replace(params, stop=params.stop + prepared.stop),
-                                              tools=prepared.tools, cancel=cancel)
+                                              tools=prepared.tools, cancel=cancel, adapters=self.adapters)
             except UserError:
                 if len(self.messages) == mark:
                     self.messages.pop()
@@ -233,6 +235,8 @@ class ChatSession:
 
     def _finish(self, reply: Reply, stats: Stats, cancelled: bool = False) -> None:
         meta: dict[str, Any] = {"stats": stats.as_dict()}
+        if self.adapters is not None:
+            meta["lora"] = self.adapters
         if cancelled:
             meta["cancelled"] = True
         self.messages.append({**reply.message, "meta": meta})

@@ -1,43 +1,49 @@
 """The chat engine: one GGUF in llama.cpp (llama-cpp-python), used by the TUI and by the server.
 
-- Loading names what went wrong in one line: a missing file, a file that is not a GGUF, a corrupt
-  or truncated one, not enough memory for the model or its context.
+- Loading (`loader.load_native`, the one function that makes the model and its context) names
+  what went wrong in one line: a missing file, a file that is not a GGUF, a corrupt or truncated
+  one, not enough memory for the model or its context.
 - The chat format comes from the registry: `templates.detect` on the GGUF's embedded template,
-  or the name given. Prompts are rendered by the registry and tokenized with `add_bos=False,
+  or the name given; the stop tokens are the registry's (`ChatFormat.stop_tokens`), never a list
+  of our own. Prompts are rendered by the registry and tokenized with `add_bos=False,
   special=True` — the llama3 templates print `<|begin_of_text|>` themselves, ChatML has none — so
   a prompt holds exactly the BOS the format asks for.
-- Generation runs llama.cpp's own sampler chain through `Llama.generate` (the loop behind
-  `create_completion`, with its KV-cache prefix reuse across turns), stops on every stop token of
-  the format (and any end-of-generation token of the vocabulary), on stop strings, at max_tokens,
-  at the end of the context, or when `cancel` is set. Text is built from token pieces
-  (`decoding`), so it is UTF-8 safe.
+- Generations run in the engine's decode loop (`batch`): up to `parallel` of them decode together
+  in one context (continuous batching), each with its own sampler chain (llama.cpp's, in
+  llama-cpp-python's order) and its own KV cells with prefix reuse across turns. A generation
+  stops on every stop token of the format (and any end-of-generation token of the vocabulary), on
+  stop strings, at max_tokens, at the end of its context, or when `cancel` is set. Text is built
+  from token pieces (`decoding`), so it is UTF-8 safe.
 - A conversation that does not fit drops its oldest turns (never the system prompt) and says how
   many messages went (`Generation.dropped`).
+- LoRA adapter sets (`adapters`, `--lora`) are loaded once with the model (`Engine.adapter_sets`);
+  a generation names the set it decodes with (`adapters=NAME`; None: the base alone).
 """
 
 from __future__ import annotations
 
 import atexit
-import collections
-import contextlib
-import ctypes
-import io
-import logging
-import os
-import random
+import queue
 import threading
 import time
 import weakref
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from edgezh import templates
 from edgezh.errors import UserError
-from edgezh.runtime.decoding import PieceTable, StopStrings, Utf8Stream
 from edgezh.gguf_meta import read_metadata
+from edgezh.runtime.adapters import AdapterSet
+from edgezh.runtime.batch import DecodeLoop
+from edgezh.runtime.decoding import PieceTable, StopStrings, Utf8Stream
+from edgezh.runtime.loader import (Native, check_gguf, default_threads, gpu_offload_supported, load_native, log_detail,
+                                   quiet_llama_cpp)
 
-__all__ = ["ContextOverflow", "Engine", "Generation", "SamplingParams", "Stats", "check_gguf", "default_threads"]
+__all__ = ["ContextOverflow", "Engine", "Generation", "SamplingParams", "Stats", "check_gguf", "default_threads",
+           "gpu_offload_supported"]
+
+MAX_TOP_LOGPROBS = 20
 
 
 class ContextOverflow(UserError):
@@ -63,6 +69,9 @@ class SamplingParams:
     """Stop strings, besides the format's stop tokens."""
     grammar: str | None = None
     """A GBNF grammar constraining the output (llama.cpp's)."""
+    logprobs: int | None = None
+    """None: no log-probabilities; N (0…20): each token's log-probability and the N most likely
+    alternatives (`Generation.logprobs`)."""
 
     def problems(self) -> list[str]:
         """What is out of range, one message per field (empty when valid)."""
@@ -79,6 +88,8 @@ class SamplingParams:
             out.append(f"repeat_penalty must be in (0, 5], got {self.repeat_penalty}")
         if self.max_tokens < 1:
             out.append(f"max_tokens must be ≥ 1, got {self.max_tokens}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            out.append(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.logprobs}")
         return out
 
 
@@ -89,13 +100,15 @@ class Stats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     ttft_s: float | None = None
-    """Seconds from the start of the generation to its first token (prompt evaluation included)."""
+    """Seconds from the request to its first token (waiting for a slot and prompt evaluation included)."""
     decode_tps: float | None = None
-    """Tokens per second after the first token."""
+    """Tokens per second after the first token (this generation's own rate)."""
     total_s: float = 0.0
     n_ctx: int = 0
     finish_reason: str = "stop"
     dropped_messages: int = 0
+    cached_tokens: int = 0
+    """Prompt tokens whose KV cells were reused from an earlier request (not evaluated again)."""
 
     @property
     def context_used(self) -> int:
@@ -112,72 +125,77 @@ class Stats:
                 "n_ctx": self.n_ctx, "finish_reason": self.finish_reason, "dropped_messages": self.dropped_messages}
 
 
-def default_threads() -> int:
-    """Physical cores (llama.cpp decodes best with one thread per core), at least 1."""
-    try:
-        import psutil
-
-        return max(1, psutil.cpu_count(logical=False) or os.cpu_count() or 1)
-    except Exception:
-        return max(1, os.cpu_count() or 1)
-
-
-def gpu_offload_supported() -> bool:
-    import llama_cpp
-
-    return bool(llama_cpp.llama_supports_gpu_offload())
-
-
-def check_gguf(path: Path) -> Path:
-    """The path of a readable GGUF file, or a UserError saying what it is instead."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: no such file")
-    if path.is_dir():
-        raise UserError(f"{path}: is a folder, not a GGUF file (an edgezh build folder has manifest.json)")
-    try:
-        with open(path, "rb") as handle:
-            magic = handle.read(4)
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read it ({exc.strerror})") from None
-    if magic != b"GGUF":
-        raise UserError(f"{path}: not a GGUF file (starts with {magic!r}, expected b'GGUF')")
-    return path
-
-
-def _gguf_problem(path: Path) -> str:
-    """Why the GGUF's header or tensor table is damaged ('' if it looks whole)."""
-    try:
-        read_metadata(path, [], check_data=True)
-    except UserError as exc:
-        return str(exc).split(": ", 1)[-1]
-    return ""
+Sink = Callable[[str | None, list], None]
+"""Receives `(text, logprob entries)` for each delta, then `(None, [])` once at the end (decode thread)."""
 
 
 class Generation:
-    """One generation. Iterate it for text deltas (it runs while you iterate); afterwards `text`,
+    """One generation. Iterate it for text deltas (it is submitted to the engine's decode loop when
+    the iteration starts), or `start(sink)` to receive them in the decode thread. Afterwards `text`,
     `tokens`, `stats`, `finish_reason` ("stop", "length", "cancelled") and `stop_token` (the stop
-    token text or stop string that ended it, or None) describe it. `dropped` is how many earlier
-    messages were left out to fit the context."""
+    token text or stop string that ended it, or None) describe it; `logprobs` holds one entry per
+    token when asked for (`{"token", "logprob", "top": [(id, logprob), …]}`). `dropped` is how many
+    earlier messages were left out to fit the context. Stopping an iteration early cancels it."""
 
     def __init__(self, engine: "Engine", prompt: list[int], params: SamplingParams,
-                 cancel: threading.Event | None, dropped: int = 0):
+                 cancel: threading.Event | None, dropped: int = 0, adapters: str | None = None):
         self.engine = engine
-        self.prompt = prompt
+        self.adapters = adapters
+        """The LoRA adapter set it decodes with (None: the base alone)."""
+        self.prompt = list(prompt)
         self.params = params
         self.cancel = cancel or threading.Event()
         self.dropped = dropped
         self.text = ""
         self.tokens: list[int] = []
-        self.finish_reason = "stop"
+        self.logprobs: list[dict[str, Any]] = []
+        self.finish_reason = "length"
         self.stop_token: str | None = None
+        self.error: BaseException | None = None
         self.stats = Stats(prompt_tokens=len(prompt), n_ctx=engine.n_ctx, dropped_messages=dropped)
-        self._iterator: Iterator[str] | None = None
+        self.max_tokens = min(params.max_tokens, engine.n_ctx - len(self.prompt))
+        self.done = threading.Event()
+        self._sink: Sink | None = None
+        self._started = False
+        self._parts: list[str] = []
+        self._held: list[dict[str, Any]] = []
+        self._stream, self._stops = Utf8Stream(), StopStrings(params.stop)
+        self._submitted = self._first = self._last = 0.0
+
+    # --- the consumer's side -------------------------------------------------------------------------
+
+    def start(self, sink: Sink | None = None) -> "Generation":
+        """Submit to the decode loop (once); `sink` gets the deltas in the decode thread."""
+        if self._started:
+            return self
+        self._started, self._sink = True, sink
+        self._submitted = time.perf_counter()
+        if self.max_tokens <= 0 or self.cancel.is_set():
+            self._finish("cancelled" if self.cancel.is_set() else "length")
+        else:
+            self.engine.loop.submit(self)
+        return self
 
     def __iter__(self) -> Iterator[str]:
-        if self._iterator is None:
-            self._iterator = self._run()
-        return self._iterator
+        if self._started:  # iterated again, or started with a sink: nothing more to stream, wait for the end
+            self.done.wait()
+            if self.error is not None:
+                raise self.error
+            return
+        items: queue.SimpleQueue = queue.SimpleQueue()
+        self.start(lambda text, entries: items.put(text))
+        try:
+            while True:
+                text = items.get()
+                if text is None:
+                    break
+                yield text
+        finally:
+            if not self.done.is_set():  # the consumer stopped early
+                self.cancel.set()
+                self.engine.loop.wake()
+        if self.error is not None:
+            raise self.error
 
     def result(self) -> str:
         """Run to the end (if not yet) and return the whole text."""
@@ -185,110 +203,110 @@ class Generation:
             pass
         return self.text
 
-    def close(self) -> None:
-        if self._iterator is not None:
-            self._iterator.close()  # type: ignore[attr-defined]
+    def wait(self, timeout: float | None = None) -> bool:
+        return self.done.wait(timeout)
 
-    def _run(self) -> Iterator[str]:
-        engine, params = self.engine, self.params
-        with engine._lock:
-            yield from self._generate(engine, params)
+    # --- the decode loop's side (edgezh.runtime.batch.Job) ------------------------------------------
 
-    def _generate(self, engine: "Engine", params: SamplingParams) -> Iterator[str]:
-        import llama_cpp
+    def _begin(self, cached: int) -> None:
+        """A slot was found; `cached` prompt tokens were already in its KV cells."""
+        self.stats.cached_tokens = cached
 
-        llama = engine.llama
-        n_ctx, n_prompt = engine.n_ctx, len(self.prompt)
-        max_tokens = min(params.max_tokens, n_ctx - n_prompt)
-        stream, stops = Utf8Stream(), StopStrings(params.stop)
-        pieces, stop_ids, vocab = engine.pieces, engine.stop_ids, engine.vocab
-        grammar = llama_cpp.LlamaGrammar.from_string(params.grammar) if params.grammar else None
-        llama.set_seed(params.seed if params.seed is not None else random.getrandbits(32))
-        start = time.perf_counter()
-        first = last = None
-        self.finish_reason = "length"
-        parts: list[str] = []
-        tokens = self.tokens
-        generator = llama.generate(
-            self.prompt, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p, temp=params.temperature,
-            repeat_penalty=params.repeat_penalty, presence_penalty=params.presence_penalty,
-            frequency_penalty=params.frequency_penalty, grammar=grammar)
+    def _accept(self, token: int, logprobs: dict | None) -> bool:
+        """A sampled token: False when the generation ends with it."""
+        self._last = time.perf_counter()
+        if not self._first:
+            self._first = self._last
+        if self.cancel.is_set():
+            self.finish_reason = "cancelled"
+            return False
+        engine = self.engine
+        if token in engine.stop_ids or engine.is_eog(token):
+            self.finish_reason, self.stop_token = "stop", engine.token_text(token)
+            return False
+        self.tokens.append(token)
+        if logprobs is not None:
+            self._held.append(logprobs)
+        delta = self._stops.feed(self._stream.feed(engine.pieces(token)))
+        if delta:
+            self._emit(delta)
+        if self._stops.hit is not None:
+            self.finish_reason, self.stop_token = "stop", self._stops.hit
+            return False
+        if len(self.tokens) >= self.max_tokens:
+            self.finish_reason = "length"
+            return False
+        return True
+
+    def _emit(self, text: str) -> None:
+        self._parts.append(text)
+        entries, self._held = self._held, []
+        self.logprobs.extend(entries)
+        if self._sink is not None:
+            self._sink(text, entries)
+
+    def _finish(self, reason: str | None = None, error: BaseException | None = None) -> None:
+        if self.done.is_set():
+            return
+        if reason is not None:
+            self.finish_reason = reason
+        self.error = error
         try:
-            if max_tokens <= 0:
-                return
-            for token in generator:
-                last = time.perf_counter()
-                if first is None:
-                    first = last
-                if self.cancel.is_set():
-                    self.finish_reason = "cancelled"
-                    break
-                if token in stop_ids or llama_cpp.llama_vocab_is_eog(vocab, token):
-                    self.finish_reason = "stop"
-                    self.stop_token = engine.token_text(token)
-                    break
-                tokens.append(token)
-                delta = stops.feed(stream.feed(pieces(token)))
-                if delta:
-                    parts.append(delta)
-                    yield delta
-                if stops.hit is not None:
-                    self.finish_reason, self.stop_token = "stop", stops.hit
-                    break
-                if len(tokens) >= max_tokens:
-                    break
-            else:
-                self.finish_reason = "stop"
-            tail = stops.feed(stream.finish()) + (stops.flush() if stops.hit is None else "")
-            if tail:
-                parts.append(tail)
-                yield tail
+            tail = self._stops.feed(self._stream.finish()) + (self._stops.flush() if self._stops.hit is None else "")
+            if tail or self._held:
+                self._emit(tail)
         finally:
-            generator.close()
-            self.text = "".join(parts)
+            self.text = "".join(self._parts)
             stats = self.stats
-            stats.completion_tokens = len(tokens)
+            stats.completion_tokens = len(self.tokens)
             stats.finish_reason = self.finish_reason
-            stats.total_s = time.perf_counter() - start
-            if first is not None:
-                stats.ttft_s = first - start
-                if last is not None and len(tokens) > 1 and last > first:
-                    stats.decode_tps = (len(tokens) - 1) / (last - first)
+            end = time.perf_counter()
+            stats.total_s = end - (self._submitted or end)
+            if self._first:
+                stats.ttft_s = self._first - self._submitted
+                if len(self.tokens) > 1 and self._last > self._first:
+                    stats.decode_tps = (len(self.tokens) - 1) / (self._last - self._first)
+            self.done.set()
+            if self._sink is not None:
+                self._sink(None, [])
 
 
 class Engine:
-    """A loaded GGUF and its chat format. Thread-safe: one generation at a time (a lock)."""
+    """A loaded GGUF, its chat format and its decode loop. Thread-safe: generations from any
+    thread decode together, up to `parallel` at a time; more wait for a slot in order."""
 
-    def __init__(self, llama: Any, fmt: templates.ChatFormat, *, path: Path | None = None,
-                 n_threads: int | None = None, n_gpu_layers: int = 0):
+    def __init__(self, native: Native, fmt: templates.ChatFormat, *, path: Path):
         import llama_cpp
 
-        self.llama = llama
+        self._closed = False
+        self.native = native
+        self.model = native.model
         self.format = fmt
-        self.path = Path(path or llama.model_path)
+        self.path = Path(path)
         self.name = self.path.name
-        self.n_threads = n_threads or llama.n_threads
-        self.n_gpu_layers = n_gpu_layers
-        self.vocab = llama_cpp.llama_model_get_vocab(llama.model)
+        self.n_threads = native.n_threads
+        self.n_gpu_layers = native.n_gpu_layers
+        self.parallel = native.parallel
+        self.vocab = native.model.vocab
         self.pieces = PieceTable(self.vocab)
         self._special_pieces = PieceTable(self.vocab, special=True)
+        self._is_eog = llama_cpp.llama_vocab_is_eog
         self.stop_ids = frozenset(self._single_token(text) for text in fmt.stop_tokens) - {None}
         self.bos_id = self._single_token(fmt.bos_token) if fmt.bos_token else None
-        self._lock = threading.Lock()
+        self.loop = DecodeLoop(native, self.vocab)
         _OPEN.add(self)
 
     # --- loading -------------------------------------------------------------------------------------
 
     @classmethod
     def load(cls, path: str | Path, *, template: str | None = None, n_ctx: int | None = None,
-             n_threads: int | None = None, n_gpu_layers: int | None = None, verbose: bool = False) -> "Engine":
-        """Load `path` (a GGUF). `n_ctx` None: the model's training context, at most 4096;
-        `n_gpu_layers` None: every layer on the GPU when llama.cpp was built with CUDA/Metal/…, else 0."""
+             n_threads: int | None = None, n_gpu_layers: int | None = None, parallel: int = 1,
+             repack: bool = False, verbose: bool = False, adapters: Sequence[AdapterSet] = ()) -> "Engine":
+        """Load `path` (a GGUF). `n_ctx` None: the model's training context, at most 4096 (for each
+        of the `parallel` sequences); `n_gpu_layers` None: every layer on the GPU when llama.cpp was
+        built with CUDA/Metal/…, else 0; `repack`: llama.cpp's repacked CPU weights (see `loader`);
+        `adapters`: LoRA adapter sets a generation may name (`edgezh.runtime.adapters`)."""
         path = check_gguf(Path(path))
-        try:
-            import llama_cpp
-        except ImportError:
-            raise UserError("llama-cpp-python is not installed: pip install llama-cpp-python") from None
         if template is not None:
             try:
                 templates.get(template)
@@ -302,48 +320,49 @@ class Engine:
             raise UserError(f"{path}: the GGUF's chat template is none of edgezh's formats "
                             f"({', '.join(templates.names())}); pass --template NAME")
         n_ctx = n_ctx or min(4096, int(meta.get("{arch}.context_length") or 4096))
-        gpu_layers = (-1 if gpu_offload_supported() else 0) if n_gpu_layers is None else n_gpu_layers
-        threads = n_threads or default_threads()
-        _check_memory(path)
-        try:
-            with _quiet_llama_cpp(verbose) as log:
-                llama = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                                        n_gpu_layers=gpu_layers, verbose=True)
-        except ValueError as exc:
-            detail = _log_detail(log)
-            if "Failed to create llama_context" in str(exc):
-                raise UserError(f"{path}: not enough memory for a {n_ctx}-token context (llama.cpp: "
-                                f"{detail or 'could not allocate it'}); try a smaller --ctx"
-                                f"{' or fewer --gpu-layers' if gpu_layers else ''}") from None
-            problem = _gguf_problem(path)
-            if problem:
-                raise UserError(f"{path}: {problem}") from None
-            raise UserError(f"{path}: llama.cpp {llama_cpp.__version__} could not load this GGUF "
-                            f"({detail or 'unsupported architecture or tensor type, or out of memory'})") from None
-        except MemoryError:
-            raise UserError(f"{path}: out of memory while loading the model; close other programs or use a "
-                            "smaller quant (q4_k_m)") from None
-        llama.verbose = verbose
-        return cls(llama, templates.get(name), path=path, n_threads=threads, n_gpu_layers=gpu_layers)
+        native = load_native(path, n_ctx=n_ctx, parallel=parallel, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
+                             repack=repack, verbose=verbose, adapters=adapters)
+        return cls(native, templates.get(name), path=path)
 
     @property
     def n_ctx(self) -> int:
-        return self.llama.n_ctx()
+        """Tokens of context for each generation."""
+        return self.native.n_ctx
+
+    @property
+    def adapter_sets(self) -> tuple[AdapterSet, ...]:
+        """The LoRA adapter sets loaded with the model, in the order given."""
+        return tuple(loaded.spec for loaded in self.native.adapters.values())
+
+    def adapter_set(self, name: str | None) -> AdapterSet | None:
+        """The set called `name` (None: the base alone); UserError for a name not loaded."""
+        if name is None:
+            return None
+        loaded = self.native.adapters.get(name)
+        if loaded is None:
+            have = ", ".join(self.native.adapters) or "none were loaded (--lora)"
+            raise UserError(f"no LoRA adapter set {name!r} (loaded: {have})")
+        return loaded.spec
 
     @property
     def n_ctx_train(self) -> int:
-        return self.llama._model.n_ctx_train()
+        return self.model.n_ctx_train()
 
     def close(self) -> None:
-        """Free the model and its context (waits for a running generation to end)."""
-        with self._lock:
-            self.llama.close()
+        """End the decode loop (running generations end as cancelled) and free the model."""
+        if self._closed:
+            return
+        self._closed = True
+        self.loop.close()
+        self.native.close()
         _OPEN.discard(self)
 
     # --- tokens and prompts --------------------------------------------------------------------------
 
     def tokenize(self, text: str, *, add_bos: bool = False, special: bool = True) -> list[int]:
-        return self.llama.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
+        if self._closed:
+            raise RuntimeError("the engine is closed")
+        return self.model.tokenize(text.encode("utf-8"), add_bos, special)
 
     def token_text(self, token: int) -> str:
         """A token as text, special tokens included (`<|eot_id|>`)."""
@@ -399,25 +418,29 @@ class Engine:
 
     def chat(self, messages: list[dict[str, Any]], params: SamplingParams = SamplingParams(), *,
              tools: list[dict[str, Any]] | None = None, cancel: threading.Event | None = None,
-             allow_drop: bool = True) -> Generation:
-        """Start answering `messages` (OpenAI-style dicts). Iterate the result for text deltas."""
+             allow_drop: bool = True, adapters: str | None = None) -> Generation:
+        """Start answering `messages` (OpenAI-style dicts) with the LoRA adapter set `adapters`
+        (None: the base). Iterate the result for text deltas."""
         self._check(params)
+        self.adapter_set(adapters)
         tokens, dropped = self.fit(messages, tools, reserve=params.max_tokens, allow_drop=allow_drop)
-        return Generation(self, tokens, params, cancel, dropped)
+        return Generation(self, tokens, params, cancel, dropped, adapters)
 
     def complete(self, prompt: str | list[int], params: SamplingParams = SamplingParams(), *,
-                 cancel: threading.Event | None = None) -> Generation:
-        """Continue raw text (no template). The model's BOS is added unless the text starts with it."""
+                 cancel: threading.Event | None = None, adapters: str | None = None) -> Generation:
+        """Continue raw text (no template) with the LoRA adapter set `adapters` (None: the base).
+        The model's BOS is added unless the text starts with it."""
         self._check(params)
+        self.adapter_set(adapters)
         if isinstance(prompt, str):
-            add_bos = bool(self.llama._model.add_bos_token()) and not (
+            add_bos = bool(self.model.add_bos_token()) and not (
                 self.format.bos_token and prompt.startswith(self.format.bos_token))
             tokens = self.tokenize(prompt, add_bos=add_bos, special=True)
         else:
             tokens = list(prompt)
         if len(tokens) >= self.n_ctx:
             raise ContextOverflow(f"the prompt is {len(tokens)} tokens and the context holds {self.n_ctx}")
-        return Generation(self, tokens, params, cancel)
+        return Generation(self, tokens, params, cancel, adapters=adapters)
 
     def grammar_problem(self, grammar: str) -> str | None:
         """Why llama.cpp rejects a GBNF grammar (None when it parses). An unparsable grammar must not
@@ -426,10 +449,10 @@ class Engine:
 
         if not grammar.strip():
             return "the grammar is empty"
-        with _quiet_llama_cpp(False) as log:
+        with quiet_llama_cpp(False) as log:
             sampler = llama_cpp.llama_sampler_init_grammar(self.vocab, grammar.encode("utf-8"), b"root")
         if not sampler:
-            return f"invalid GBNF grammar ({_log_detail(log) or 'llama.cpp could not parse it'})"
+            return f"invalid GBNF grammar ({log_detail(log) or 'llama.cpp could not parse it'})"
         llama_cpp.llama_sampler_free(sampler)
         return None
 
@@ -445,10 +468,17 @@ class Engine:
         ids = self.tokenize(text, add_bos=False, special=True)
         return ids[0] if len(ids) == 1 else None
 
+    def is_eog(self, token: int) -> bool:
+        """An end-of-generation token of the vocabulary (besides the format's stop tokens)."""
+        return bool(self._is_eog(self.vocab, token))
+
     def describe(self) -> dict[str, Any]:
         """Facts for a status line or /health."""
         return {"model": self.name, "format": self.format.name, "n_ctx": self.n_ctx, "threads": self.n_threads,
-                "gpu_layers": self.n_gpu_layers, "path": str(self.path)}
+                "gpu_layers": self.n_gpu_layers, "parallel": self.parallel, "repack": self.native.repack,
+                "path": str(self.path),
+                "adapters": {item.name: [[str(path), scale] for path, scale in item.adapters]
+                             for item in self.adapter_sets}}
 
 
 _OPEN: "weakref.WeakSet[Engine]" = weakref.WeakSet()
@@ -459,60 +489,11 @@ def _close_all() -> None:
     """Free engines before interpreter teardown (llama-cpp-python's __del__ fails once ctypes is gone)."""
     for engine in list(_OPEN):
         try:
-            engine.llama.close()
+            engine.close()
         except Exception:
             pass
-
-
-def _log_detail(fragments: Iterable[str]) -> str:
-    """The last error-looking lines of llama.cpp's log (it logs in fragments)."""
-    lines = [line.strip() for line in "".join(fragments).splitlines() if line.strip()]
-    errors = [line for line in lines if any(word in line.lower() for word in ("error", "failed", "unable", "cannot"))]
-    return "; ".join((errors or lines)[-2:])[:300]
-
-
-def _check_memory(path: Path) -> None:
-    """Refuse a model larger than the machine's memory before llama.cpp tries (and the OS kills us)."""
-    try:
-        import psutil
-
-        total = psutil.virtual_memory().total
-    except Exception:
-        return
-    size = path.stat().st_size
-    if size > total:
-        raise UserError(f"{path}: the model is {size / 2**30:.1f} GiB and this machine has {total / 2**30:.1f} GiB "
-                        "of memory; use a smaller quant (q4_k_m) or a smaller model")
 
 
 def with_defaults(params: SamplingParams, **changes: Any) -> SamplingParams:
     """`params` with the given fields changed (None values ignored)."""
     return replace(params, **{key: value for key, value in changes.items() if value is not None})
-
-
-@contextlib.contextmanager
-def _quiet_llama_cpp(verbose: bool) -> Iterator[collections.deque]:
-    """Keep llama.cpp's loader log off the terminal without touching file descriptors (a terminal UI
-    owns fd 2 while a model loads in a worker thread): native log lines go to a ring buffer (for
-    error messages), llama-cpp-python's own prints to a string. llama-cpp-python's log callback
-    and logger level are restored afterwards."""
-    import llama_cpp
-    from llama_cpp import _logger
-
-    lines: collections.deque[str] = collections.deque(maxlen=40)
-    if verbose:
-        yield lines
-        return
-
-    @llama_cpp.llama_log_callback
-    def keep(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-        lines.append(text.decode("utf-8", "replace"))
-
-    level = _logger.logger.level
-    llama_cpp.llama_log_set(keep, ctypes.c_void_p(0))
-    try:
-        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
-            yield lines
-    finally:
-        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
-        _logger.logger.setLevel(level or logging.ERROR)  # ERROR: what llama-cpp-python's verbose=False sets

@@ -1,29 +1,38 @@
 """`edgezh serve`: an OpenAI-compatible HTTP API (FastAPI + uvicorn) over the runtime engine.
 
-Routes: `POST /v1/chat/completions` (streaming or not, `tools`), `POST /v1/completions`,
-`GET /v1/models`, `GET /health`. The same `Engine` as the terminal chat renders prompts with the
-template registry and streams UTF-8-safe text; tool calls are parsed by `toolcalls` (Llama 3.1
+Routes: `POST /v1/chat/completions` (streaming or not, `tools`, `response_format`, `logprobs` /
+`top_logprobs`, `n`, `seed`), `POST /v1/completions`, `GET /v1/models`, `GET /health`. The same
+`Engine` as the terminal chat renders prompts with the template registry, stops on every stop
+token of the format and streams UTF-8-safe text; tool calls are parsed by `toolcalls` (Llama 3.1
 JSON for the llama3.1 format, ReAct otherwise) and returned as OpenAI `tool_calls`.
 
-Concurrency: one generation at a time (llama.cpp holds one context) in a single worker thread;
-at most `queue_size` more requests wait, and any request past that gets 429 at once. A streaming
-client that disconnects cancels its generation. Errors are OpenAI-style JSON
-(`{"error": {"message", "type", "param", "code"}}`) with a 4xx status for anything the client
-sent wrong. `--api-key` requires `Authorization: Bearer KEY` on /v1 routes.
+Concurrency: the engine decodes up to `parallel` sequences together in one llama.cpp context
+(continuous batching, `edgezh.runtime.batch`); a request with `n` choices is `n` sequences. At most
+`queue_size` more sequences wait for a slot, and a request past that gets 429 at once. A client
+that disconnects — streaming or not — cancels its sequences, which leave their slots at the next
+decode step. Errors are OpenAI-style JSON (`{"error": {"message", "type", "param", "code"}}`) with
+a 4xx status for anything the client sent wrong. `--api-key` requires `Authorization: Bearer KEY`
+on /v1 routes.
 
-Extensions beyond OpenAI's fields (as llama.cpp's servers accept them): `top_k`, `min_p`,
-`repeat_penalty`, `grammar` (GBNF).
+Models: `/v1/models` lists `<model-id>` (the base alone) and `<model-id>:<set>` for each LoRA adapter
+set loaded with `--lora`; a request's `model` picks the set it decodes with, and requests for
+different sets decode concurrently (the decode loop groups rows by set). Another `model` is a 404.
+
+Structured output: `response_format` `json_object` / `json_schema` becomes a llama.cpp grammar
+(`structured`); a schema keyword the grammar cannot enforce is a 400 naming it. Extensions beyond
+OpenAI's fields (as llama.cpp's servers accept them): `top_k`, `min_p`, `repeat_penalty`,
+`grammar` (GBNF).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import secrets
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator, Literal
 
@@ -34,8 +43,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edgezh.errors import UserError
-from edgezh.runtime.engine import ContextOverflow, Engine, Generation, SamplingParams
+from edgezh.runtime.engine import MAX_TOP_LOGPROBS, ContextOverflow, Engine, Generation, SamplingParams
+from edgezh.runtime.structured import SchemaError, grammar_for
 from edgezh.runtime.toolcalls import Prepared, interpret, openai_call, prepare
+
+MAX_CHOICES = 16
 
 
 @dataclass
@@ -43,7 +55,7 @@ class ServerConfig:
     model_id: str
     api_key: str | None = None
     queue_size: int = 8
-    """Requests that may wait while one generates; past that, 429."""
+    """Sequences that may wait for a decode slot; past that, 429."""
     defaults: SamplingParams = field(default_factory=SamplingParams)
     system: str | None = None
     """Added as the system message when a chat request has none (as Ollama does with SYSTEM)."""
@@ -122,7 +134,6 @@ class _Sampling(_Body):
     max_tokens: int | None = Field(None, ge=1)
     seed: int | None = None
     stop: str | list[str] | None = None
-    n: int = Field(1, ge=1, le=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     grammar: str | None = None
@@ -133,47 +144,55 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     tools: list[ToolSpec] | None = None
     tool_choice: Literal["auto", "none", "required"] | dict[str, Any] | None = None
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    response_format: dict[str, Any] | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str]
     echo: bool = False
+    n: int = Field(1, ge=1, le=1)
+    logprobs: int | None = None
 
 
-# --- the queue ---------------------------------------------------------------------------------------
+# --- admission ---------------------------------------------------------------------------------------
 
-class Scheduler:
-    """One worker thread; a request is admitted while fewer than 1 + queue_size are in flight."""
+class Admission:
+    """Sequences in flight (decoding or waiting for a slot): at most `parallel + queue_size`."""
 
-    def __init__(self, queue_size: int):
-        self.capacity = 1 + queue_size
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgezh-generate")
+    def __init__(self, engine: Engine, queue_size: int):
+        self.engine = engine
+        self.capacity = engine.parallel + queue_size
         self._lock = threading.Lock()
         self.in_flight = 0
 
-    def admit(self) -> bool:
+    def admit(self, n: int) -> bool:
         with self._lock:
-            if self.in_flight >= self.capacity:
+            if self.in_flight + n > self.capacity:
                 return False
-            self.in_flight += 1
+            self.in_flight += n
             return True
 
-    def release(self) -> None:
+    def release(self, n: int = 1) -> None:
         with self._lock:
-            self.in_flight -= 1
+            self.in_flight -= n
 
     def state(self) -> dict[str, int]:
         with self._lock:
-            return {"in_flight": self.in_flight, "capacity": self.capacity}
+            return {"in_flight": self.in_flight, "capacity": self.capacity, "parallel": self.engine.parallel,
+                    **self.engine.loop.state()}
 
 
 # --- the app -----------------------------------------------------------------------------------------
 
 def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     app = FastAPI(title="edgezh", version="1", docs_url=None, redoc_url=None, openapi_url=None)
-    scheduler = Scheduler(config.queue_size)
-    app.state.engine, app.state.config, app.state.scheduler = engine, config, scheduler
+    admission = Admission(engine, config.queue_size)
+    app.state.engine, app.state.config, app.state.admission = engine, config, admission
     created = int(time.time())
+    served = served_models(engine, config)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -210,55 +229,85 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", **engine.describe(), "model": config.model_id, "file": engine.name,
-                "queue": scheduler.state()}
+                "queue": admission.state()}
 
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": config.model_id, "object": "model", "created": created,
-                                            "owned_by": "edgezh"}]}
+        return {"object": "list", "data": [{"id": model, "object": "model", "created": created, "owned_by": "edgezh"}
+                                           for model in served]}
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(body: ChatRequest, request: Request) -> Any:
-        _check_model(body.model, config)
+        adapters = _check_model(body.model, served)
         params = _params(body, config, engine, body.max_completion_tokens or body.max_tokens)
+        if body.response_format is not None:
+            if body.grammar:
+                raise ApiError(400, "send either grammar or response_format, not both", param="response_format")
+            try:
+                params = replace(params, grammar=grammar_for(body.response_format))
+            except SchemaError as exc:
+                raise ApiError(400, f"response_format.{exc}", param=f"response_format.{exc.path}".rstrip("."),
+                               code="unsupported_schema" if exc.keyword else None) from None
+        if body.logprobs:
+            params = replace(params, logprobs=body.top_logprobs or 0)
+        elif body.top_logprobs is not None:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        if body.n > admission.capacity:
+            raise ApiError(400, f"n={body.n} is more sequences than this server holds at once ({admission.capacity})",
+                           param="n")
         messages = _messages(body, config)
         tools = [t.model_dump() for t in body.tools] if body.tools and body.tool_choice != "none" else None
         prepared = prepare(messages, engine.format.supports_tools, tools)
         cancel = threading.Event()
+        generations = []
         try:
-            generation = engine.chat(prepared.messages, replace(params, stop=params.stop + prepared.stop),
-                                     tools=prepared.tools, cancel=cancel, allow_drop=False)
+            for index in range(body.n):
+                seed = params.seed + index if params.seed is not None else None
+                generations.append(engine.chat(prepared.messages, replace(params, stop=params.stop + prepared.stop,
+                                                                          seed=seed),
+                                               tools=prepared.tools, cancel=cancel, allow_drop=False,
+                                               adapters=adapters))
         except ContextOverflow as exc:
             raise ApiError(400, str(exc), param="messages", code="context_length_exceeded") from None
         except UserError as exc:
             raise ApiError(400, str(exc), param="messages") from None
-        return await _run(scheduler, generation, body.stream, request, _ChatShape(config.model_id, prepared),
+        return await _run(admission, generations, body.stream, request, _ChatShape(body.model, prepared, engine),
                           include_usage=bool(body.stream_options and body.stream_options.include_usage))
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        _check_model(body.model, config)
+        adapters = _check_model(body.model, served)
         if body.echo:
             raise ApiError(400, "echo is not supported", param="echo")
+        if body.logprobs is not None:
+            raise ApiError(400, "logprobs are supported on /v1/chat/completions only", param="logprobs")
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) != 1:
             raise ApiError(400, "send one prompt per request", param="prompt")
         params = _params(body, config, engine, body.max_tokens or 16)
         cancel = threading.Event()
         try:
-            generation = engine.complete(prompts[0], params, cancel=cancel)
+            generation = engine.complete(prompts[0], params, cancel=cancel, adapters=adapters)
         except ContextOverflow as exc:
             raise ApiError(400, str(exc), param="prompt", code="context_length_exceeded") from None
-        return await _run(scheduler, generation, body.stream, request, _CompletionShape(config.model_id),
+        return await _run(admission, [generation], body.stream, request, _CompletionShape(body.model),
                           include_usage=bool(body.stream_options and body.stream_options.include_usage))
 
     return app
 
 
-def _check_model(model: str, config: ServerConfig) -> None:
-    if model != config.model_id:
-        raise ApiError(404, f"model {model!r} does not exist; this server serves {config.model_id!r}",
+def served_models(engine: Engine, config: ServerConfig) -> dict[str, str | None]:
+    """Model id → the LoRA adapter set it decodes with: `<model-id>` the base, `<model-id>:<set>` each set."""
+    return {config.model_id: None, **{f"{config.model_id}:{item.name}": item.name for item in engine.adapter_sets}}
+
+
+def _check_model(model: str, served: dict[str, str | None]) -> str | None:
+    """The adapter set of a served model id (None: the base); 404 for another id."""
+    if model not in served:
+        names = ", ".join(repr(name) for name in served)
+        raise ApiError(404, f"model {model!r} does not exist; this server serves {names}",
                        param="model", code="model_not_found")
+    return served[model]
 
 
 def _params(body: _Sampling, config: ServerConfig, engine: Engine, max_tokens: int | None) -> SamplingParams:
@@ -309,64 +358,80 @@ def _messages(body: ChatRequest, config: ServerConfig) -> list[dict[str, Any]]:
 # --- running and shaping the answer ------------------------------------------------------------------
 
 class _ChatShape:
-    """OpenAI chat.completion(.chunk) objects; tool calls recognised at the end of the generation."""
+    """OpenAI chat.completion(.chunk) objects; tool calls recognised at the end of each choice."""
 
     object = "chat.completion"
 
-    def __init__(self, model: str, prepared: Prepared):
-        self.model, self.prepared = model, prepared
+    def __init__(self, model: str, prepared: Prepared, engine: Engine):
+        self.model, self.prepared, self.engine = model, prepared, engine
         self.id = "chatcmpl-" + uuid.uuid4().hex
         self.created = int(time.time())
         # Tool dialects: ReAct text is held back whole; a Llama 3.1 reply is held once it starts with "{".
-        self.mode = {"react": "hold", "llama3.1": "sniff"}.get(prepared.dialect or "", "stream")
-        self.held: list[str] = []
+        first = {"react": "hold", "llama3.1": "sniff"}.get(prepared.dialect or "", "stream")
+        self.mode: dict[int, str] = collections.defaultdict(lambda: first)
+        self.held: dict[int, list[str]] = collections.defaultdict(list)
+        self.held_logprobs: dict[int, list] = collections.defaultdict(list)
 
-    def chunk(self, delta: dict[str, Any], finish: str | None = None, usage: dict | None = None) -> dict[str, Any]:
-        data: dict[str, Any] = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                                "model": self.model,
-                                "choices": [] if usage else [{"index": 0, "delta": delta, "finish_reason": finish}]}
-        if usage:
-            data["usage"] = usage
-        return data
+    def chunk(self, index: int, delta: dict[str, Any], finish: str | None = None, logprobs: list | None = None,
+              ) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": index, "delta": delta, "finish_reason": finish}
+        if logprobs is not None:
+            choice["logprobs"] = {"content": logprobs}
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                "choices": [choice]}
 
-    def start(self) -> list[dict[str, Any]]:
-        return [self.chunk({"role": "assistant", "content": ""})]
+    def usage_chunk(self, usage: dict) -> dict[str, Any]:
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                "choices": [], "usage": usage}
 
-    def delta(self, text: str) -> list[dict[str, Any]]:
-        if self.mode == "sniff":
-            self.held.append(text)
-            joined = "".join(self.held).lstrip()
+    def start(self, n: int) -> list[dict[str, Any]]:
+        return [self.chunk(index, {"role": "assistant", "content": ""}) for index in range(n)]
+
+    def delta(self, index: int, generation: Generation, text: str, entries: list) -> list[dict[str, Any]]:
+        logprobs = _chat_logprobs(self.engine, entries) if generation.params.logprobs is not None else None
+        mode = self.mode[index]
+        if mode == "sniff":
+            self.held[index].append(text)
+            self.held_logprobs[index].extend(logprobs or [])
+            joined = "".join(self.held[index]).lstrip()
             if not joined:
                 return []
             if joined.startswith(("{", "<|python_tag|>")):
-                self.mode = "hold"
+                self.mode[index] = "hold"
                 return []
-            self.mode, self.held = "stream", []
-            return [self.chunk({"content": joined})]
-        if self.mode == "hold":
-            self.held.append(text)
+            held, self.held[index], self.held_logprobs[index] = self.held_logprobs[index], [], []
+            self.mode[index] = "stream"
+            return [self.chunk(index, {"content": joined}, logprobs=held if logprobs is not None else None)]
+        if mode == "hold":
+            self.held[index].append(text)
+            self.held_logprobs[index].extend(logprobs or [])
             return []
-        return [self.chunk({"content": text})]
+        return [self.chunk(index, {"content": text}, logprobs=logprobs)] if text or logprobs else []
 
-    def end(self, generation: Generation) -> list[dict[str, Any]]:
+    def end(self, index: int, generation: Generation) -> list[dict[str, Any]]:
         reply, finish = self._reply(generation)
         out = []
         if reply.tool_calls:
             calls = [dict(openai_call(call, arguments_as_string=True), index=i) for i, call in enumerate(reply.tool_calls)]
-            out.append(self.chunk({"tool_calls": calls}))
-        elif self.mode in ("hold", "sniff") and reply.content:
-            out.append(self.chunk({"content": reply.content}))
-        out.append(self.chunk({}, finish))
+            out.append(self.chunk(index, {"tool_calls": calls}))
+        elif self.mode[index] in ("hold", "sniff") and reply.content:
+            held = self.held_logprobs[index] if generation.params.logprobs is not None else None
+            out.append(self.chunk(index, {"content": reply.content}, logprobs=held))
+        out.append(self.chunk(index, {}, finish))
         return out
 
-    def whole(self, generation: Generation) -> dict[str, Any]:
-        reply, finish = self._reply(generation)
-        message: dict[str, Any] = {"role": "assistant", "content": reply.content if not reply.tool_calls else None}
-        if reply.tool_calls:
-            message["tool_calls"] = [openai_call(call, arguments_as_string=True) for call in reply.tool_calls]
+    def whole(self, generations: list[Generation]) -> dict[str, Any]:
+        choices = []
+        for index, generation in enumerate(generations):
+            reply, finish = self._reply(generation)
+            message: dict[str, Any] = {"role": "assistant", "content": reply.content if not reply.tool_calls else None}
+            if reply.tool_calls:
+                message["tool_calls"] = [openai_call(call, arguments_as_string=True) for call in reply.tool_calls]
+            logprobs = ({"content": _chat_logprobs(self.engine, generation.logprobs)}
+                        if generation.params.logprobs is not None else None)
+            choices.append({"index": index, "message": message, "finish_reason": finish, "logprobs": logprobs})
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
-                "usage": _usage(generation)}
+                "choices": choices, "usage": _usage(generations)}
 
     def _reply(self, generation: Generation) -> tuple[Any, str]:
         reply = interpret(generation.text, self.prepared)
@@ -377,6 +442,16 @@ class _ChatShape:
         return reply, "length" if generation.finish_reason == "length" else "stop"
 
 
+def _chat_logprobs(engine: Engine, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Engine logprob entries as OpenAI's `logprobs.content` items (token text, logprob, bytes, top)."""
+    def item(token: int, logprob: float) -> dict[str, Any]:
+        piece = engine.pieces(token)
+        return {"token": piece.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(piece)}
+
+    return [{**item(entry["token"], entry["logprob"]),
+             "top_logprobs": [item(token, logprob) for token, logprob in entry["top"]]} for entry in entries]
+
+
 class _CompletionShape:
     object = "text_completion"
 
@@ -385,97 +460,106 @@ class _CompletionShape:
         self.id = "cmpl-" + uuid.uuid4().hex
         self.created = int(time.time())
 
-    def chunk(self, text: str, finish: str | None = None, usage: dict | None = None) -> dict[str, Any]:
-        data: dict[str, Any] = {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
-                                "choices": [] if usage else [{"index": 0, "text": text, "logprobs": None,
-                                                              "finish_reason": finish}]}
-        if usage:
-            data["usage"] = usage
-        return data
+    def chunk(self, index: int, text: str, finish: str | None = None) -> dict[str, Any]:
+        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
+                "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]}
 
-    def start(self) -> list[dict[str, Any]]:
+    def usage_chunk(self, usage: dict) -> dict[str, Any]:
+        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
+                "choices": [], "usage": usage}
+
+    def start(self, n: int) -> list[dict[str, Any]]:
         return []
 
-    def delta(self, text: str) -> list[dict[str, Any]]:
-        return [self.chunk(text)]
+    def delta(self, index: int, generation: Generation, text: str, entries: list) -> list[dict[str, Any]]:
+        return [self.chunk(index, text)] if text else []
 
-    def end(self, generation: Generation) -> list[dict[str, Any]]:
-        return [self.chunk("", "length" if generation.finish_reason == "length" else "stop")]
+    def end(self, index: int, generation: Generation) -> list[dict[str, Any]]:
+        return [self.chunk(index, "", "length" if generation.finish_reason == "length" else "stop")]
 
-    def whole(self, generation: Generation) -> dict[str, Any]:
-        finish = "length" if generation.finish_reason == "length" else "stop"
+    def whole(self, generations: list[Generation]) -> dict[str, Any]:
+        choices = [{"index": index, "text": g.text, "logprobs": None,
+                    "finish_reason": "length" if g.finish_reason == "length" else "stop"}
+                   for index, g in enumerate(generations)]
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "text": generation.text, "logprobs": None, "finish_reason": finish}],
-                "usage": _usage(generation)}
+                "choices": choices, "usage": _usage(generations)}
 
 
-def _usage(generation: Generation) -> dict[str, int]:
-    prompt, completion = generation.stats.prompt_tokens, generation.stats.completion_tokens
+def _usage(generations: list[Generation]) -> dict[str, int]:
+    prompt = generations[0].stats.prompt_tokens
+    completion = sum(g.stats.completion_tokens for g in generations)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-_DONE = object()
-
-
-async def _run(scheduler: Scheduler, generation: Generation, stream: bool, request: Request, shape: Any,
+async def _run(admission: Admission, generations: list[Generation], stream: bool, request: Request, shape: Any,
                *, include_usage: bool) -> Any:
-    if not scheduler.admit():
-        return error_response(429, f"the server is busy ({scheduler.capacity} requests in flight); retry shortly",
-                              type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+    if not admission.admit(len(generations)):
+        return error_response(429, f"the server is busy ({admission.capacity} sequences in flight or waiting); "
+                              "retry shortly", type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
     loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    engine = generations[0].engine
+    cancel = generations[0].cancel  # one event for every choice of the request
+
+    def sink_for(index: int):
+        def sink(text: str | None, entries: list) -> None:  # in the decode thread
+            if text is None:
+                admission.release()
+            if stream or text is None:
+                loop.call_soon_threadsafe(events.put_nowait, (index, text, entries))
+        return sink
+
+    for index, generation in enumerate(generations):
+        generation.start(sink_for(index))
+
+    def stop() -> None:
+        cancel.set()
+        engine.loop.wake()
+
     if not stream:
-        def run_whole() -> None:
-            try:
-                if not generation.cancel.is_set():
-                    generation.result()
-            finally:
-                scheduler.release()
-
+        left = len(generations)
         try:
-            await asyncio.shield(loop.run_in_executor(scheduler.executor, run_whole))
+            while left:
+                try:
+                    await asyncio.wait_for(events.get(), timeout=0.5)
+                    left -= 1
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        stop()
         except asyncio.CancelledError:  # the client went away: stop generating for it
-            generation.cancel.set()
+            stop()
             raise
-        return JSONResponse(shape.whole(generation))
+        errors = [g.error for g in generations if g.error is not None]
+        if errors:
+            raise errors[0]
+        return JSONResponse(shape.whole(generations))
 
-    queue: asyncio.Queue[Any] = asyncio.Queue()
-
-    def run_stream() -> None:
+    async def chunks() -> AsyncIterator[str]:
         try:
-            if not generation.cancel.is_set():
-                for delta in generation:
-                    loop.call_soon_threadsafe(queue.put_nowait, delta)
-        except BaseException as exc:  # noqa: BLE001 - handed to the response
-            loop.call_soon_threadsafe(queue.put_nowait, exc)
-        finally:
-            scheduler.release()
-            loop.call_soon_threadsafe(queue.put_nowait, _DONE)
-
-    loop.run_in_executor(scheduler.executor, run_stream)
-
-    async def events() -> AsyncIterator[str]:
-        try:
-            for item in shape.start():
+            for item in shape.start(len(generations)):
                 yield _sse(item)
-            while True:
-                item = await queue.get()
-                if item is _DONE:
-                    break
-                if isinstance(item, BaseException):
-                    yield _sse({"error": {"message": f"{type(item).__name__}: {item}", "type": "server_error"}})
-                    return
-                for chunk in shape.delta(item):
+            left = len(generations)
+            while left:
+                index, text, entries = await events.get()
+                generation = generations[index]
+                if text is None:
+                    left -= 1
+                    if generation.error is not None:
+                        yield _sse({"error": {"message": f"{type(generation.error).__name__}: {generation.error}",
+                                              "type": "server_error"}})
+                        return
+                    for chunk in shape.end(index, generation):
+                        yield _sse(chunk)
+                    continue
+                for chunk in shape.delta(index, generation, text, entries):
                     yield _sse(chunk)
-            for chunk in shape.end(generation):
-                yield _sse(chunk)
             if include_usage:
-                yield _sse(shape.chunk({}, usage=_usage(generation)) if isinstance(shape, _ChatShape)
-                           else shape.chunk("", usage=_usage(generation)))
+                yield _sse(shape.usage_chunk(_usage(generations)))
             yield "data: [DONE]\n\n"
         finally:
-            generation.cancel.set()  # a no-op when finished; stops the model when the client left early
+            stop()  # a no-op when finished; frees the slots when the client left early
 
-    return StreamingResponse(events(), media_type="text/event-stream",
+    return StreamingResponse(chunks(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
@@ -488,8 +572,11 @@ def serve(engine: Engine, config: ServerConfig, *, host: str = "127.0.0.1", port
     import uvicorn
 
     app = create_app(engine, config)
+    with_lora = list(served_models(engine, config))[1:]
     print(f"edgezh serve: http://{host}:{port}/v1 — model {config.model_id!r} ({engine.format.name}, "
-          f"ctx {engine.n_ctx}){' — API key required' if config.api_key else ''}", flush=True)
+          f"ctx {engine.n_ctx}, {engine.parallel} parallel, queue {config.queue_size})"
+          f"{' — with LoRA: ' + ', '.join(repr(m) for m in with_lora) if with_lora else ''}"
+          f"{' — API key required' if config.api_key else ''}", flush=True)
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {host}: other machines can reach this server"
               f"{'' if config.api_key else ' without an API key'}", flush=True)
@@ -500,6 +587,5 @@ def serve(engine: Engine, config: ServerConfig, *, host: str = "127.0.0.1", port
         if exc.code:
             raise UserError(f"cannot listen on {host}:{port} (in use, or not an address of this machine)") from None
     finally:
-        scheduler: Scheduler = app.state.scheduler
-        scheduler.executor.shutdown(wait=False, cancel_futures=True)
+        engine.close()
     return 0
