@@ -46,12 +46,14 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("-o", "--output", required=True, help="output folder")
     m.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
 
-    c = sub.add_parser("convert", help="write a GGUF from a Hugging Face Llama-family folder")
-    c.add_argument("model", help="model folder (safetensors)")
-    c.add_argument("-o", "--output", help="output .gguf (default: <folder>-<outtype>.gguf)")
+    c = sub.add_parser("convert", help="write a GGUF from a Hugging Face Llama-family folder (or, with --lora, its LoRA adapter)")
+    c.add_argument("model", help="model folder (safetensors); with --lora, the base the adapter was trained on")
+    c.add_argument("-o", "--output", help="output .gguf (default: <folder>-<outtype>.gguf; with --lora <adapter>-lora-<outtype>.gguf)")
     c.add_argument("--outtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"])
     c.add_argument("--template", help="chat format (default: detected from the folder)")
     c.add_argument("--adapter", help="LoRA adapter folder to merge on the fly")
+    c.add_argument("--lora", metavar="ADAPTER_DIR", help="write this peft LoRA adapter as a GGUF LoRA adapter "
+                   "(llama.cpp --lora, Ollama ADAPTER) instead of converting the model")
 
     q = sub.add_parser("quantize", help="quantize a GGUF with llama.cpp's own quantizer")
     q.add_argument("gguf", help="f32/f16/bf16 GGUF file")

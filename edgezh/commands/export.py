@@ -76,6 +76,8 @@ def merge_cmd(args) -> int:
 def convert_cmd(args) -> int:
     from edgezh.export.gguf_writer import convert
 
+    if getattr(args, "lora", None):
+        return _convert_lora(args)
     folder = _existing(args.model, "model folder")
     template = _folder_template(folder, args.template)
     dest = Path(args.output or f"{folder.resolve().name}-{args.outtype}.gguf")
@@ -87,6 +89,25 @@ def convert_cmd(args) -> int:
     with status(f"writing {dest} ({args.outtype}, chat format {template})"):
         facts = convert(folder, dest, args.outtype, template=template, adapter=adapter)
     out.print(f"{dest}: {facts.get('tensors')} tensors, {dest.stat().st_size / 2**20:.1f} MiB, pre-tokenizer {facts.get('pre_tokenizer')}")
+    return 0
+
+
+def _convert_lora(args) -> int:
+    """`edgezh convert BASE --lora ADAPTER_DIR`: the peft adapter as a GGUF LoRA adapter, checked against BASE."""
+    from edgezh.export.lora_gguf import OUTTYPES, convert
+
+    if args.adapter:
+        raise UserError("--adapter merges an adapter into the model's GGUF, --lora writes it as a GGUF of its own: give one")
+    if args.outtype not in OUTTYPES:
+        raise UserError(f"--outtype {args.outtype}: an adapter GGUF is {', '.join(OUTTYPES)}")
+    base = _existing(args.model, "base model folder")
+    adapter = _existing(args.lora, "adapter folder")
+    dest = Path(args.output or f"{adapter.resolve().name}-lora-{args.outtype}.gguf")
+    with status(f"writing {dest} (LoRA adapter, {args.outtype})"):
+        facts = convert(base, adapter, dest, args.outtype)
+    out.print(f"{dest}: {facts['pairs']} LoRA pairs (rank {', '.join(map(str, facts['ranks']))}, alpha {facts['alpha']:g}), "
+              f"{facts['bytes'] / 2**20:.1f} MiB")
+    out.print(f"  on its base in llama.cpp: edgezh convert {base} -o base.gguf, then llama-server -m base.gguf --lora {dest}")
     return 0
 
 

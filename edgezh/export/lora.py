@@ -11,6 +11,8 @@ What peft (0.21) writes with `save_pretrained` and what this module relies on:
   - Embedding LoRA: `<module>.lora_embedding_A` (r, num_embeddings), `<module>.lora_embedding_B`
     (dim, r) — parameters, so no `.weight` suffix; the delta is (B @ A)ᵀ;
   - `modules_to_save`: the trained copy under the plain module name (`lm_head.weight`);
+  - `modules_to_save` on a base that ties lm_head to embed_tokens, trained with `ensure_weight_tying`:
+    one shared copy, saved under both names (`drop_tied_head` keeps the embedding's);
   - a targeted embedding is also saved in full as `<module>.base_layer.weight`
     (`save_embedding_layers="auto"`); peft loads it back into the base layer, so it replaces
     the base tensor before the delta is added.
@@ -166,6 +168,18 @@ class LoraAdapter:
 
     def close(self) -> None:
         self._file = None
+
+    def drop_tied_head(self) -> bool:
+        """Drop a head copy that is the embedding's tied twin: with peft's `ensure_weight_tying` on a tied base, one
+        trained tensor is saved under both names (`lm_head.weight`, `model.embed_tokens.weight`), so a tied base
+        takes the embedding's alone. Returns whether it was dropped."""
+        head, embedding = "lm_head.weight", "model.embed_tokens.weight"
+        if not self.config.get("ensure_weight_tying") or head in self._loras \
+                or head not in self._replaced or embedding not in self._replaced:
+            return False
+        del self._replaced[head]
+        self.modules_to_save = [name for name in self.modules_to_save if name != head]
+        return True
 
     # ------------------------------------------------------------------ queries
 

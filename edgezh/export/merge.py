@@ -133,7 +133,8 @@ def plan_merge(base_dir: Path, adapter_dir: Path, *, dtype: str = "auto", shard_
             owner[name] = shard
         layout.append((shard, data_start, sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])))
     base_shapes = {name: tuple(info["shape"]) for _, _, items in layout for name, info in items}
-    if config.get("tie_word_embeddings") and "lm_head.weight" in adapter.targets() and "lm_head.weight" not in base_shapes:
+    if config.get("tie_word_embeddings") and "lm_head.weight" in adapter.targets() and "lm_head.weight" not in base_shapes \
+            and not adapter.drop_tied_head():
         raise UserError(f"adapter {adapter_dir} changes lm_head, but {base_dir} ties lm_head to embed_tokens "
                         "(tie_word_embeddings: true); merging an untied lm_head into a tied model is not supported")
     adapter.check_covers(set(base_shapes))
