@@ -6,7 +6,8 @@ an Ollama tag asks here, so a layout change is one edit:
 | artifact | where |
 |---|---|
 | base / merge | an HF folder: the artifact itself, or the folder `info.model_path` references |
-| sft / dpo | `adapter/` (peft LoRA) or, for `method: full`, `model/` |
+| pretrain | `model/` (a whole HF model: the LoRA folded into the base, or the fully trained weights); `adapter/` for LoRA |
+| sft / dpo | `adapter/` (peft LoRA) or, for `method: full`, `model/`; `info.trained_from` the stage whose model it trained |
 | gguf | `info.file` (`<name>-<outtype>.gguf`), `info.outtype` |
 | imatrix | `info.file` (`<name>.imatrix.gguf`, llama.cpp's imatrix GGUF) |
 | quantize | `info.quants[<kind>].file` per kind (`<name>-<kind>.gguf`) |
@@ -41,8 +42,34 @@ def fingerprint_folder(source: Path) -> dict:
 
 
 def weights_dir(inputs: Mapping[str, Any]) -> Path:
-    """The 16-bit weights to export: the merged model when training ran, else the base."""
+    """The 16-bit weights to export: the merged model when training ran, else the continued pre-training's
+    model, else the base."""
+    if "merge" not in inputs and "pretrain" in inputs:
+        return pretrained_dir(inputs["pretrain"])
     return model_dir(inputs["merge"] if "merge" in inputs else inputs["base"])
+
+
+def pretrained_dir(pretrain: Any) -> Path:
+    """The whole model the pretrain stage wrote (`model/`)."""
+    return pretrain.path / "model"
+
+
+def start_stage(inputs: Mapping[str, Any]) -> str:
+    """The stage whose model a training stage that starts afresh trains: `pretrain` when the build has it, else `base`."""
+    return "pretrain" if "pretrain" in inputs else "base"
+
+
+def stage_model_dir(inputs: Mapping[str, Any], stage: str) -> Path:
+    """The HF folder of the model stage `stage` stands for (a training stage's `info.trained_from`): the base's
+    folder, the pretrain stage's `model/`, or a full fine-tune's `model/`."""
+    if stage not in inputs:
+        raise UserError(f"the model was trained from stage `{stage}`, which is not among this stage's inputs "
+                        f"({', '.join(inputs)}); rebuild it")
+    if stage == "base":
+        return model_dir(inputs["base"])
+    if stage == "pretrain":
+        return pretrained_dir(inputs["pretrain"])
+    return full_model_dir(inputs[stage])
 
 
 def template_of(inputs: Mapping[str, Any]) -> str:

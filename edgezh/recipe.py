@@ -470,11 +470,56 @@ class GPTQConfig(Section):
     desc_act: bool = Field(False, description="Activation-order quantization.")
 
 
+class AdapterExportConfig(Section):
+    """The trained LoRA adapter as a GGUF LoRA adapter (stage `adapter`): the other way to ship. llama.cpp
+    (`--lora`) and Ollama (`ADAPTER`) put it on the unchanged base when they load, so a user who has the base
+    downloads only the adapter. Written beside it: the base as GGUF (what the Modelfiles name in FROM, and what
+    the report measures base + adapter with, against the merged model)."""
+
+    outtype: Literal["f32", "f16", "bf16"] = Field("f16", description="Type of the adapter's lora_a / lora_b tensors.")
+    base: bool = Field(True, description="Also write the model the adapter was trained on as `<name>-base-f16.gguf` "
+                       "(llama.cpp's `-m` under `--lora`, the Modelfiles' FROM, the report's base + adapter line).")
+    base_quantize: list[QuantType] = Field(default_factory=lambda: ["q4_k_m"], description="The base also quantized to "
+                                           "these types (`<name>-base-<type>.gguf`, llama.cpp's quantizer, no importance "
+                                           "matrix): base + adapter on each gets a Modelfile and a line in the report.")
+    ollama_base: str | None = Field(None, pattern=r"^[A-Za-z0-9][\w./-]*(:[\w.-]+)?$", description="An Ollama model the "
+                                    "users already have, e.g. `llama3.1:8b`: `Modelfile.lora` puts the adapter on it (FROM "
+                                    "that name). It must be the weights the adapter was trained on (a quantization of "
+                                    "them is fine).")
+
+    def problems(self, recipe: "Recipe") -> list[tuple[str, str]]:
+        """What the recipe's training cannot give an adapter GGUF, known before anything runs."""
+        last = recipe.dpo if recipe.dpo is not None else recipe.sft
+        if last is None:
+            return [("export.adapter", "an adapter GGUF needs a LoRA training stage (sft or dpo)")]
+        where = "dpo" if recipe.dpo is not None else "sft"
+        if last.method == "full":
+            return [("export.adapter", f"{where}.method is full: it trains no adapter to export (ship the merged model)")]
+        found = []
+        for stage, section in (("sft", recipe.sft), ("dpo", recipe.dpo)):
+            if section is not None and section.method != "full" and section.lora.modules_to_save:
+                found.append(("export.adapter", f"{stage}.lora.modules_to_save ({', '.join(section.lora.modules_to_save)}) "
+                              "trains modules in full, which llama.cpp's LoRA loader cannot take (only lora_a/lora_b pairs): "
+                              "drop export.adapter and ship the merged model, or train without modules_to_save"))
+        if self.base_quantize and not self.base:
+            found.append(("export.adapter.base_quantize", "the quantized bases are made from the base GGUF: set `base: true`"))
+        needs = sorted(set(self.base_quantize) & NEEDS_IMATRIX)
+        if needs:
+            found.append(("export.adapter.base_quantize", f"{', '.join(needs)} need(s) an importance matrix, which the base "
+                          "quants are made without"))
+        if self.ollama_base is not None and recipe.pretrain is not None:
+            found.append(("export.adapter.ollama_base", "the adapter is trained on the continued-pretrained model, which "
+                          "no Ollama tag holds: leave ollama_base out (the base GGUF is written)"))
+        return found
+
+
 class ExportConfig(Section):
     """What to export."""
 
     gguf: GGUFConfig | None = Field(None, description="GGUF files for llama.cpp / Ollama.")
     gptq: GPTQConfig | None = Field(None, description="A GPTQ checkpoint for transformers/vLLM.")
+    adapter: AdapterExportConfig | None = Field(None, description="The LoRA adapter as a GGUF (llama.cpp --lora, Ollama "
+                                                "ADAPTER) with the base it goes on.")
 
 
 class ModelfileMessage(Section):
@@ -543,8 +588,9 @@ class EvalConfig(Section):
     """Quality report: perplexity, KL divergence, multiple choice, Chinese-reply rate (see edgezh/eval)."""
 
     texts: list[str] = Field(default_factory=lambda: ["heldout"], description="Perplexity corpora: `heldout` (the assistant replies of the "
-                             "data stage's held-out conversations), `hsk`, `peoples-daily`, or UTF-8 text files (relative to the current "
-                             "directory, or `pkg://PACKAGE/FILE`).")
+                             "data stage's held-out conversations), `heldout-text` (the held-out blocks of its `format: text` sources; "
+                             "always scored when the build has a `pretrain` stage), `hsk`, `peoples-daily`, or UTF-8 text files "
+                             "(relative to the current directory, or `pkg://PACKAGE/FILE`).")
     context_length: PosInt = Field(512, description="Tokens per perplexity window (BOS included when the chat format has one).")
     stride: PosInt = Field(256, description="Step between windows; each window scores only the tokens the previous one did not.")
     max_tokens: PosInt = Field(20000, description="Tokens scored per corpus.")
@@ -605,6 +651,8 @@ class Recipe(Section):
         if self.export.gptq is not None and self.data is None:
             problems.append(("export.gptq", "GPTQ calibrates on the recipe's data: add a `data` section"))
         problems += chain_problems(self.sft, self.dpo)
+        if self.export.adapter is not None:
+            problems += self.export.adapter.problems(self)
         if self.export.gguf is not None:
             problems += [(f"export.gguf.{where}", message) for where, message in self.export.gguf.problems()]
             imatrix = self.export.gguf.imatrix

@@ -157,7 +157,7 @@ QUICKSTART_SMALL = ["data.sources.0.samples=80", "data.sources.1.samples=30", "s
                     "dpo.max_steps=2", "dpo.save_steps=2", "export.gptq.samples=4", "eval.max_tokens=256",
                     "eval.context_length=128", "eval.stride=96", "eval.chinese_reply_prompts=2", "eval.reply_max_tokens=6",
                     "eval.multiple_choice=[{builtin: hsk-translate, max_questions: 2}]", "export.gguf.imatrix.tokens=1024"]
-QUICKSTART_VARIANTS = {"base", "sft", "dpo", "f16", "q4_k_m", "q8_0", "q4_k_m-plain", "gptq"}
+QUICKSTART_VARIANTS = {"base", "sft", "dpo", "f16", "q4_k_m", "q8_0", "q4_k_m-plain", "gptq", "base-f16+lora", "base-q4_k_m+lora"}
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +179,8 @@ def test_quickstart_report_has_every_section_with_every_variant(quickstart) -> N
     assert positions == sorted(positions)
 
     built = _section(report, "What was built")
-    for folder in map(folder_name, ("base", "data", "sft", "dpo", "merge", "gguf", "imatrix", "quantize", "gptq", "modelfile")):
+    for folder in map(folder_name, ("base", "data", "sft", "dpo", "merge", "gguf", "imatrix", "quantize", "gptq", "adapter",
+                                    "modelfile")):
         assert f"| `{folder}` |" in built, folder
     assert "group_size=64" in built
 
@@ -187,17 +188,18 @@ def test_quickstart_report_has_every_section_with_every_variant(quickstart) -> N
     assert set(ppl) == QUICKSTART_VARIANTS and set(info["variants"]) == QUICKSTART_VARIANTS
     ppl_text = _section(report, "Perplexity")
     for name, values in ppl.items():
-        assert re.search(rf"^\| {name} \| \S+ \| {values['heldout']:,.3f} \| {values['peoples-daily']:,.3f} \|$", ppl_text, re.M), name
-    assert set(info["kld"]["variants"]) == {"q4_k_m", "q8_0", "q4_k_m-plain", "gptq"}
+        assert re.search(rf"^\| {re.escape(name)} \| \S+ \| {values['heldout']:,.3f} \| {values['peoples-daily']:,.3f} \|$", ppl_text, re.M), name
+    assert set(info["kld"]["variants"]) == {"q4_k_m", "q8_0", "q4_k_m-plain", "gptq", "base-f16+lora", "base-q4_k_m+lora"}
     kld_text = _section(report, "KL divergence")
     assert all(f"| {name} |" in kld_text for name in info["kld"]["variants"])
+    assert "### LoRA adapter on the base\n\n`quickstart-lora-f16.gguf`" in kld_text  # base + adapter vs the merged f16
     assert [set(m["by_variant"]) for m in info["multiple_choice"]] == [QUICKSTART_VARIANTS]
     assert "### hsk-translate, 0-shot" in _section(report, "Multiple choice")
     replies = info["chinese_reply"]
     assert set(replies["by_variant"]) == QUICKSTART_VARIANTS and "02-data/eval.jsonl" in replies["source"]
     reply_text = _section(report, "Chinese-reply rate")
     assert all(f"| {name} | {v['rate']:.1%} |" in reply_text for name, v in replies["by_variant"].items())
-    assert set(info["speed"]) == {"f16", "q4_k_m", "q8_0"}
+    assert set(info["speed"]) == {"f16", "q4_k_m", "q8_0", "base-f16+lora", "base-q4_k_m+lora"}
     assert all(f"| {name} |" in _section(report, "Speed on this machine") for name in info["speed"])
 
     curves = _section(report, "Training curves")
@@ -206,7 +208,7 @@ def test_quickstart_report_has_every_section_with_every_variant(quickstart) -> N
         assert (build / "report" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     assert "sft-loss" in curves and "dpo-reward_accuracy" in curves
     run = _section(report, "Run it")
-    assert set(quickstart["modelfile"]["models"]) == {"f16", "q4_k_m", "q8_0"}
+    assert set(quickstart["modelfile"]["models"]) == {"f16", "q4_k_m", "q8_0", "lora-f16", "lora-q4_k_m"}
     for kind, model in quickstart["modelfile"]["models"].items():
         assert f"ollama create {model} -f {build / 'export' / f'Modelfile.{kind}'}\nollama run {model}" in run
     assert f"edgezh chat {build}" in run

@@ -11,7 +11,7 @@ whole vocabulary (float32, `[len(rows), n_vocab]`). Row `r` is the distribution 
 - `GGUFBackend`: llama.cpp through llama-cpp-python's C API. For parity with transformers the KV
   cache is F32 (`type_k`/`type_v`; llama.cpp's default is F16) and flash attention is off; only the
   rows asked for are marked as outputs in the batch. `kv="f16"` gives llama.cpp's default settings
-  (used for speed figures).
+  (used for speed figures). `adapters`: LoRA adapter GGUFs llama.cpp applies on the base, with scales.
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ class GGUFBackend:
     """A GGUF file in llama.cpp as a scoring backend (one sequence, cleared before every call)."""
 
     def __init__(self, path: Path, *, n_ctx: int, name: str = "gguf", kv: str = "f32", threads: int | None = None,
-                 n_batch: int = 512):
+                 n_batch: int = 512, adapters: Sequence[tuple[Path, float]] = ()):
         import llama_cpp
 
         if not Path(path).is_file():
@@ -145,6 +145,14 @@ class GGUFBackend:
                                    n_threads_batch=threads, logits_all=False, type_k=kv_type, type_v=kv_type,
                                    flash_attn=False, n_gpu_layers=-1 if llama_cpp.llama_supports_gpu_offload() else 0,
                                    verbose=False)
+        if adapters:  # LoRA adapter GGUFs on the base, each with its scale (edgezh.export.lora_gguf)
+            from edgezh.export.lora_gguf import attach
+
+            try:
+                attach(self.llm, adapters)
+            except BaseException:
+                self.llm.close()
+                raise
         self.n_vocab = int(self.llm.n_vocab())
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self.seconds, self.tokens = 0.0, 0

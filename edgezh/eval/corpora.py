@@ -1,4 +1,4 @@
-"""Perplexity texts: held-out replies, HSK sentences, People's Daily, text files.
+"""Perplexity texts: held-out replies, held-out raw text, HSK sentences, People's Daily, text files.
 
 `heldout` is the assistant replies of the data stage's held-out conversations (`eval.jsonl`), in
 file order, one reply per paragraph. Replies, not whole rendered conversations: they are the text
@@ -6,6 +6,11 @@ the fine-tune is trained to produce, and as plain text the same measure applies 
 (which has never seen the chat markup) and to every variant alike; template tokens would add
 near-certain predictions that say nothing about the language. Without a data stage there is no
 held-out text and the corpus is skipped with a note.
+
+`heldout-text` is the data stage's held-out documents of its `format: text` sources
+(`text_eval.parquet`: the blocks continued pre-training is evaluated on), already tokenized with the
+base's tokenizer: the corpus carries those ids (`Corpus.ids`), in file order, end-of-text tokens
+between documents included, so it is scored on exactly the tokens the pretrain stage held out.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from edgezh.errors import UserError
 from edgezh.jsonl import read_jsonl
 from edgezh.paths import PathResolutionError, resolve_path
 
-BUILTIN = ("heldout", "hsk", "peoples-daily")
+HELDOUT_TEXT = "heldout-text"
+BUILTIN = ("heldout", HELDOUT_TEXT, "hsk", "peoples-daily")
 
 
 @dataclass(frozen=True)
@@ -28,6 +34,7 @@ class Corpus:
     name: str
     text: str
     source: str  # where the text came from, for the report
+    ids: tuple[int, ...] | None = None  # the tokens, when the corpus comes tokenized (`heldout-text`; `text` is empty)
 
 
 def heldout_text(eval_jsonl: Path) -> str:
@@ -40,6 +47,19 @@ def heldout_text(eval_jsonl: Path) -> str:
         replies += [m["content"].strip() for m in messages
                     if isinstance(m, dict) and m.get("role") == "assistant" and isinstance(m.get("content"), str) and m["content"].strip()]
     return "\n\n".join(replies)
+
+
+def heldout_ids(text_eval: Path, max_tokens: int) -> tuple[int, ...]:
+    """The held-out text blocks' tokens, in file order, at most `max_tokens`."""
+    import pyarrow.parquet as pq
+
+    ids: list[int] = []
+    for batch in pq.ParquetFile(text_eval).iter_batches(columns=["input_ids"], batch_size=256):
+        for row in batch.column(0).to_pylist():
+            ids += row
+            if len(ids) >= max_tokens:
+                return tuple(ids[:max_tokens])
+    return tuple(ids)
 
 
 def hsk_text(seed: int = 0) -> str:
@@ -75,6 +95,15 @@ def load(names: list[str], data: Artifact | None, max_chars: int) -> tuple[list[
                 notes.append("`heldout` perplexity skipped: eval.jsonl holds no assistant replies")
                 continue
             found.append(Corpus(name, text[:max_chars], f"assistant replies of {data.path.name}/eval.jsonl"))
+        elif name == HELDOUT_TEXT:
+            blocks = data.file("text_eval.parquet") if data is not None else None
+            if blocks is None or not (data.info.get("text_eval") and blocks.is_file()):
+                notes.append(f"`{HELDOUT_TEXT}` perplexity skipped: the data stage held out no text blocks "
+                             "(no `format: text` source, or eval_ratio 0)")
+                continue
+            ids = heldout_ids(blocks, max_chars)  # a token is at least one character: the budget bounds the tokens
+            found.append(Corpus(name, "", f"held-out text blocks of {data.path.name}/text_eval.parquet "
+                                f"({data.info.get('text_eval')} blocks)", ids))
         elif name == "hsk":
             found.append(Corpus(name, hsk_text()[:max_chars], "HSK 3.0 sentences (hsk-sentences-audio, CC-BY-SA-4.0), shuffled, seed 0"))
         elif name == "peoples-daily":

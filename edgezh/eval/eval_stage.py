@@ -69,7 +69,7 @@ def run(cfg: EvalConfig, inputs: dict[str, Artifact], out: Path) -> dict:
     notes: list[str] = []
 
     # ---- everything tokenized once, before any model is loaded (bad inputs fail fast)
-    texts, skipped = corpora.load(cfg.texts, data, max_chars=cfg.max_tokens * 6 + 1000)
+    texts, skipped = corpora.load(text_names(cfg, inputs), data, max_chars=cfg.max_tokens * 6 + 1000)
     notes += skipped
     windows, corpus_facts = passes.tokenize_corpora(texts, tok, context_length=cfg.context_length, stride=cfg.stride,
                                                     max_tokens=cfg.max_tokens)
@@ -99,6 +99,9 @@ def run(cfg: EvalConfig, inputs: dict[str, Artifact], out: Path) -> dict:
     if "quantize" in inputs:  # how the quants were made: the importance matrix, the fit search
         results["quantization"] = {"imatrix": inputs["imatrix"].info if "imatrix" in inputs else None,
                                    "fit": inputs["quantize"].info.get("fit")}
+    if "adapter" in inputs:  # the adapter GGUF and the bases it was measured on (the report's LoRA adapter line)
+        results["adapter"] = {k: inputs["adapter"].info.get(k) for k in
+                              ("file", "bytes", "outtype", "alpha", "ranks", "pairs", "bases", "ollama_base")}
     results["ollama"] = report.ollama_commands(inputs, root)
     results["chat"] = f"edgezh chat {_display(root)}"
 
@@ -112,6 +115,13 @@ def run(cfg: EvalConfig, inputs: dict[str, Artifact], out: Path) -> dict:
     return {**{k: results[k] for k in ("perplexity", "kld", "multiple_choice", "chinese_reply", "speed", "gates",
                                        "scoring_tps", "corpora", "method", "notes")},
             "variants": results["variants"], "report": "report.md"}
+
+
+def text_names(cfg: EvalConfig, inputs: dict[str, Artifact]) -> list[str]:
+    """The perplexity corpora: the recipe's, and the held-out text blocks when the build continued pre-training
+    (the report shows that perplexity before and after)."""
+    extra = [corpora.HELDOUT_TEXT] if "pretrain" in inputs and corpora.HELDOUT_TEXT not in cfg.texts else []
+    return [*cfg.texts, *extra]
 
 
 def write_report(results: dict, out: Path, *, render=None, training_plots=None, results_json: Path | None = None) -> None:
@@ -134,7 +144,9 @@ def measure_speed(results: dict, variants: list[Variant], texts, tok) -> None:
         # a plain twin has its imatrix twin's tensor types, hence its speed: not measured twice
         if variant.engine == "llama.cpp" and prompt and not layout.is_plain_twin(variant.name):
             with status(f"{variant.name}: tokens/s on this machine"):
-                results["speed"][variant.name] = speed.measure(Path(variant.facts["file"]), prompt, gen_tokens=SPEED_GEN_TOKENS)
+                adapters = [(Path(variant.facts["adapter_file"]), 1.0)] if variant.facts.get("adapter_file") else []
+                results["speed"][variant.name] = speed.measure(Path(variant.facts["file"]), prompt, gen_tokens=SPEED_GEN_TOKENS,
+                                                               adapters=adapters)
 
 
 def _display(root: Path) -> str:

@@ -31,7 +31,7 @@ def tokenize_corpora(texts, tok, *, context_length: int, stride: int, max_tokens
     """`{corpus: windows}` and `{corpus: {source, tokens, windows}}` for the report."""
     windows, facts = {}, {}
     for corpus in texts:
-        ids = tok.encode(corpus.text)[:max_tokens]
+        ids = (list(corpus.ids) if corpus.ids is not None else tok.encode(corpus.text))[:max_tokens]
         windows[corpus.name] = perplexity.windows(ids, context_length, stride, tok.bos_id)
         facts[corpus.name] = {"source": corpus.source, "tokens": sum(len(w) for w in windows[corpus.name]),
                               "windows": len(windows[corpus.name])}

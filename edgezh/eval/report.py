@@ -53,7 +53,7 @@ def ollama_commands(inputs: dict[str, Artifact], root: Path) -> list[list[str]]:
 def copy_training_plots(inputs: dict[str, Artifact], folder: Path) -> list[str]:
     """The PNG plots the training stages wrote, copied as `report/<stage>-<file>.png`."""
     copied = []
-    for stage in ("sft", "dpo"):
+    for stage in ("pretrain", "sft", "dpo"):
         if stage not in inputs:
             continue
         for png in sorted(inputs[stage].path.rglob("*.png")):
@@ -122,7 +122,8 @@ def _built(r: dict) -> list[str]:
 
 
 def _variants(r: dict) -> list[str]:
-    files = [[name, v["engine"], f"`{Path(v.get('file') or v.get('folder') or v.get('adapter') or '').name}`",
+    files = [[name, v["engine"], f"`{Path(v.get('file') or v.get('folder') or v.get('adapter') or '').name}`"
+              + (f" + `{Path(v['adapter_file']).name}`" if v.get("adapter_file") else ""),
               _mib(v.get("bytes")), _num(v.get("bits_per_weight") or v.get("bits"), "g") if (v.get("bits_per_weight") or v.get("bits")) else "—"]
              for name, v in r["variants"].items()]
     return _table(["variant", "engine", "file / folder", "size", "bits per weight"], files) + [""]
@@ -145,7 +146,21 @@ def _perplexity(r: dict) -> list[str]:
             for name, values in r["perplexity"].items()]
     lines += _table(header, rows) + [""]
     lines += ["Sources: " + "; ".join(f"`{c}`: {r['corpora'][c]['source']}" for c in corpora), ""]
-    return lines
+    return lines + _pretrained(r)
+
+
+def _pretrained(r: dict) -> list[str]:
+    """Continued pre-training: the held-out text's perplexity before (base) and after (pretrain, then each later variant)."""
+    ppl = r.get("perplexity") or {}
+    corpus = "heldout-text"
+    if "pretrain" not in ppl or ppl.get("base", {}).get(corpus) is None or ppl["pretrain"].get(corpus) is None:
+        return []
+    steps = [f"base {ppl['base'][corpus]:,.3f}"] + [f"{name} {values[corpus]:,.3f}" for name, values in ppl.items()
+                                                   if name != "base" and values.get(corpus) is not None
+                                                   and not r["variants"].get(name, {}).get("quantized")]
+    change = ppl["pretrain"][corpus] / ppl["base"][corpus] - 1
+    return [f"Continued pre-training: perplexity on the held-out text (`{corpus}`) {' → '.join(steps)} "
+            f"({change:+.1%} after pretrain vs the base).", ""]
 
 
 def _kld(r: dict) -> list[str]:
@@ -170,7 +185,7 @@ def _kld(r: dict) -> list[str]:
     if front:
         lines += [f"Pareto front of size against mean KLD (no other variant is both smaller and closer to `{k['reference']}`), "
                   f"smallest first: {', '.join(front)}. The chart is under Plots.", ""]
-    return lines + _imatrix(r) + _fit(r)
+    return lines + _imatrix(r) + _fit(r) + _adapter(r)
 
 
 def _imatrix(r: dict) -> list[str]:
@@ -211,6 +226,37 @@ def _fit(r: dict) -> list[str]:
     rows = [[c["label"], _mib(c["bytes"]), _num(c.get("bits_per_weight"), "g"), _num(c["kld"], ".5f"), _num(c.get("top1"), ".1%")]
             for c in sorted(fit["candidates"], key=lambda c: c["bytes"]) if c.get("kld") is not None]
     return lines + _table(["candidate", "size", "bits per weight", "mean KLD (held-out)", "top-1"], rows) + [""]
+
+
+def _adapter(r: dict) -> list[str]:
+    """`export.adapter`: the LoRA adapter GGUF on each base GGUF in llama.cpp against the reference (the merged model),
+    beside the merged model's quant of the same type (its plain twin first: quantized the same way as the base)."""
+    a = r.get("adapter")
+    k = r.get("kld") or {}
+    if not a or not k.get("variants"):
+        return []
+    by_kind = {v["base_kind"]: name for name, v in r["variants"].items() if v.get("base_kind")}
+    lines = ["### LoRA adapter on the base", "",
+             f"`{a['file']}` ({_mib(a['bytes'])}: {a['pairs']} lora_a/lora_b pairs, rank {', '.join(map(str, a['ranks']))}, "
+             f"alpha {a['alpha']:g}) put on the base GGUFs by llama.cpp (`--lora`), against `{k['reference']}`, the merged "
+             "model, on the same tokens: what shipping the adapter alone gives a user who has the base. Beside it, the "
+             "merged model quantized to the same type.", ""]
+    rows = []
+    for kind, name in by_kind.items():
+        s = (k["variants"].get(name) or {}).get("all") or {}
+        twin = next((t for t in (f"{kind}-plain", kind) if t in k["variants"]), None)
+        merged = ("— (the reference)" if kind == k["reference"] else
+                  f"`{twin}`: {_num(k['variants'][twin]['all'].get('mean'), '.5f')}, {_num(k['variants'][twin]['all'].get('top1'), '.2%')}"
+                  if twin else "—")
+        size = f"{_mib((a['bases'].get(kind) or {}).get('bytes'))} + {_mib(a['bytes'])}"
+        rows.append([name, size, _num(s.get("mean"), ".2e"), _num(s.get("p99"), ".2e"), _num(s.get("top1"), ".2%"),
+                     str(s.get("tokens", 0)), merged])
+    lines += _table(["base + adapter", "base + adapter size", "mean KLD", "p99 KLD", "top-1", "tokens",
+                     "merged, same type: mean KLD, top-1"], rows) + [""]
+    if a.get("ollama_base"):
+        lines += [f"`Modelfile.lora` puts the adapter on the Ollama model `{a['ollama_base']}`, which this report cannot "
+                  "measure; the rows above use edgezh's own base GGUFs.", ""]
+    return lines
 
 
 def _mc(r: dict) -> list[str]:

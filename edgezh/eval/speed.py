@@ -10,14 +10,18 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from edgezh.eval.backends import GGUFBackend
 
 
-def measure(path: Path, prompt: list[int], *, gen_tokens: int = 32, threads: int | None = None) -> dict:
-    with GGUFBackend(path, n_ctx=len(prompt) + gen_tokens + 8, kv="f16", threads=threads, name=path.name) as llm:
+def measure(path: Path, prompt: list[int], *, gen_tokens: int = 32, threads: int | None = None,
+            adapters: Sequence[tuple[Path, float]] = ()) -> dict:
+    """`adapters`: LoRA adapter GGUFs on the model (llama.cpp computes their products beside the base's)."""
+    with GGUFBackend(path, n_ctx=len(prompt) + gen_tokens + 8, kv="f16", threads=threads, name=path.name,
+                     adapters=adapters) as llm:
         llm._clear()
         llm._decode(prompt[:8], 0, {7})  # warm-up: weights paged in, graphs allocated
         llm._clear()

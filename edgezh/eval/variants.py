@@ -3,10 +3,12 @@
 | variant | from | engine |
 |---|---|---|
 | `base` | the base stage's HF folder | transformers, float32 |
-| `sft`, `dpo` | the base + the stage's LoRA adapter (peft), or its `model/` after full fine-tuning | transformers, float32 |
+| `pretrain` | the pretrain stage's `model/` (continued pre-training, the adapter folded in) | transformers, float32 |
+| `sft`, `dpo` | the model the stage trained (`info.trained_from`: the base or `pretrain`) + its LoRA adapter (peft), or its `model/` after full fine-tuning | transformers, float32 |
 | the converted GGUF (`f16`, `f32`, `bf16`, `q8_0`) | the gguf stage | llama.cpp |
 | each quant (`q4_k_m`, …) | the quantize stage | llama.cpp |
 | `gptq` | the gptq stage's checkpoint | transformers + GPTQModel |
+| `base-<kind>+lora` | each base GGUF of the adapter stage with its LoRA adapter GGUF on it | llama.cpp (`--lora`) |
 
 The merge stage's folder is not evaluated on its own: it is what the GGUF was converted from, and
 it equals the last adapter on the base up to 16-bit rounding.
@@ -64,12 +66,18 @@ def discover(inputs: dict[str, Artifact], *, n_ctx: int, threads: int | None = N
     variants = [Variant("base", "transformers", False, partial(HFBackend.load, base, name="base"),
                         2 * _safetensors_bytes(base), {"folder": str(base), "bytes": _safetensors_bytes(base)})]
     notes = []
+    if "pretrain" in inputs:
+        folder = layout.pretrained_dir(inputs["pretrain"])
+        variants.append(Variant("pretrain", "transformers", False, partial(HFBackend.load, folder, name="pretrain"),
+                                2 * _safetensors_bytes(folder), {"folder": str(folder), "bytes": _safetensors_bytes(folder)}))
     for stage in ("sft", "dpo"):
         if stage in inputs:
-            variants.append(_training_variant(stage, inputs[stage], base))
+            trained = layout.stage_model_dir(inputs, inputs[stage].info.get("trained_from", "base"))
+            variants.append(_training_variant(stage, inputs[stage], trained))
     if "merge" in inputs:
         notes.append("the merged 16-bit weights are evaluated through the GGUF converted from them" if "gguf" in inputs
-                     else "the merged 16-bit weights equal the last adapter on the base up to rounding; not evaluated again")
+                     else "the merged 16-bit weights equal the last adapter on the model it was trained from up to rounding; "
+                     "not evaluated again")
     if "gguf" in inputs:
         info = inputs["gguf"].info
         path = inputs["gguf"].file(info["file"])
@@ -90,12 +98,34 @@ def discover(inputs: dict[str, Artifact], *, n_ctx: int, threads: int | None = N
         variants.append(Variant("gptq", "transformers", True, partial(HFBackend.load, folder, name="gptq", gptq=True),
                                 2 * _safetensors_bytes(folder), {"folder": str(folder), "bytes": info.get("bytes"),
                                                                  "bits": info.get("bits"), "group_size": info.get("group_size")}))
+    if "adapter" in inputs:
+        variants += adapter_variants(inputs["adapter"], n_ctx=n_ctx, threads=threads)
     if not any(v.quantized for v in variants):
         return variants, None, notes
     gguf_ref = [v for v in variants if v.engine == "llama.cpp" and not v.quantized]
     hf_full = [v for v in variants if v.engine == "transformers" and not v.quantized]
     reference = (gguf_ref or hf_full[-1:])[0].name
     return variants, reference, notes
+
+
+ADAPTER_GROUP = "base + LoRA adapter"
+
+
+def adapter_variants(artifact: Artifact, *, n_ctx: int, threads: int | None = None) -> list[Variant]:
+    """Base + adapter in llama.cpp, one per base GGUF the adapter stage wrote (`base-f16+lora`, `base-q4_k_m+lora`).
+    They are compared with the reference in lockstep, as the quants are: how close the shipped pair comes to the
+    merged model. Their size is what a user downloads: the base and the adapter."""
+    info = artifact.info
+    adapter = artifact.file(info["file"])
+    found = []
+    for kind, base in (info.get("bases") or {}).items():
+        path, name = artifact.file(base["file"]), f"base-{kind}+lora"
+        found.append(Variant(name, "llama.cpp", True,
+                             partial(GGUFBackend, path, n_ctx=n_ctx, name=name, threads=threads, adapters=[(adapter, 1.0)]),
+                             path.stat().st_size + adapter.stat().st_size,
+                             {"file": str(path), "adapter_file": str(adapter), "base_kind": kind, "group": ADAPTER_GROUP,
+                              "bytes": base["bytes"] + info["bytes"], "bits_per_weight": base.get("bits_per_weight")}))
+    return found
 
 
 def batches(reference: Variant, quantized: list[Variant], budget: int) -> list[list[Variant]]:

@@ -1,4 +1,4 @@
-"""A training job: everything one SFT or DPO run needs, as plain JSON, and `run_job` to run it here.
+"""A training job: everything one training run (pretrain, SFT, DPO) needs, as plain JSON, and `run_job` to run it here.
 
 The stage builds a TrainJob and calls `run_job(job)` in its own process. The same JSON can be handed
 to several processes started by a launcher (`python -m edgezh.train.job job.json`): each process
@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-KINDS = ("sft", "dpo")
+KINDS = ("pretrain", "sft", "dpo")
 
 
 @dataclass
@@ -22,13 +22,15 @@ class TrainJob:
     """One training run, JSON-serialisable."""
 
     kind: str
-    """`sft` or `dpo`."""
+    """`pretrain`, `sft` or `dpo`."""
     config: dict[str, Any]
-    """The recipe section (SFTConfig / DPOConfig) as `model_dump(mode="json")`."""
+    """The recipe section (PretrainConfig / SFTConfig / DPOConfig) as `model_dump(mode="json")`."""
     model_dir: str
-    """The Hugging Face folder of the model to start from (the base, or SFT's `model/` after a full SFT)."""
+    """The Hugging Face folder of the model to start from (the base, the pretrain stage's `model/`, or SFT's `model/`
+    after a full SFT)."""
     data_dir: str
-    """The data artifact folder (train.parquet / eval.parquet, pairs_train.jsonl / pairs_eval.jsonl)."""
+    """The data artifact folder (train.parquet / eval.parquet, text_train.parquet / text_eval.parquet,
+    pairs_train.jsonl / pairs_eval.jsonl)."""
     template: str
     """Chat format name in the template registry."""
     pad_token_id: int
@@ -51,16 +53,16 @@ class TrainJob:
             raise ValueError(f"TrainJob.kind must be one of {KINDS}, not {self.kind!r}")
 
     def section(self):
-        """The recipe section, typed again (SFTConfig / DPOConfig). The dump holds every field, defaults
-        included; the sub-settings a method does not use are dropped so the section validates as given."""
-        from edgezh.recipe import DPOConfig, SFTConfig
+        """The recipe section, typed again (PretrainConfig / SFTConfig / DPOConfig). The dump holds every field,
+        defaults included; the sub-settings a method does not use are dropped so the section validates as given."""
+        from edgezh.recipe import DPOConfig, PretrainConfig, SFTConfig
 
         data = dict(self.config)
         if data.get("method") == "full":
             data.pop("lora", None)
         if data.get("method") != "qlora":
             data.pop("qlora", None)
-        return (SFTConfig if self.kind == "sft" else DPOConfig).model_validate(data)
+        return {"pretrain": PretrainConfig, "sft": SFTConfig, "dpo": DPOConfig}[self.kind].model_validate(data)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, ensure_ascii=False, sort_keys=True)
@@ -85,6 +87,10 @@ def run_job(job: TrainJob) -> dict:
 
     cfg = job.section()  # typed once here; the trainer gets it as it is
     precision = job_precision(job, cfg)
+    if job.kind == "pretrain":
+        from edgezh.train import pretrain
+
+        return pretrain.train(job, precision, cfg)
     if job.kind == "sft":
         from edgezh.train import sft
 

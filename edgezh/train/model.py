@@ -64,12 +64,16 @@ def bnb_config(spec: QuantSpec):
                               bnb_4bit_quant_storage=torch.uint8)
 
 
-def lora_config(spec: LoraSpec):
+def lora_config(spec: LoraSpec, tied: bool = False):
     from peft import LoraConfig
 
     target = spec.target_modules if spec.target_modules == "all-linear" else list(spec.target_modules)
+    # On a base that ties lm_head to embed_tokens (`tied`: SmolLM2, Llama 3.2), `ensure_weight_tying` gives the two
+    # one shared trainable copy (saved under both names), so the trained model stays tied like the base it is
+    # merged into.
     return LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=target,
-                      modules_to_save=list(spec.modules_to_save) or None, bias="none", task_type="CAUSAL_LM")
+                      modules_to_save=list(spec.modules_to_save) or None, bias="none", task_type="CAUSAL_LM",
+                      ensure_weight_tying=tied and bool(spec.modules_to_save))
 
 
 def load_base(model_dir: str | Path, method: str, precision: Precision, device, *, quant: QuantSpec | None = None,
@@ -114,7 +118,7 @@ def attach_adapter(model, method: str, spec: LoraSpec, *, start_adapter: str | P
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     if start_adapter is not None:
         return PeftModel.from_pretrained(model, str(start_adapter), is_trainable=True), None
-    return model, lora_config(spec)
+    return model, lora_config(spec, tied=bool(getattr(model.config, "tie_word_embeddings", False)))
 
 
 def trainable_in_fp32(model) -> None:

@@ -67,25 +67,30 @@ class WeightedSFTTrainer(SFTTrainer):
         return (loss, outputs) if return_outputs else loss
 
 
-def build_trainer(job, precision=None, cfg=None):
-    """The model, the datasets and the trainer of an SFT job (nothing has run the model yet)."""
-    built = run.setup(job, "eval.parquet", cfg, precision)
+def build_trainer(job, precision=None, cfg=None, *, files: tuple[str, str] = ("train.parquet", "eval.parquet"),
+                  trainer_cls=WeightedSFTTrainer, **trainer_kwargs):
+    """The model, the datasets and the trainer of an SFT job (nothing has run the model yet). Continued
+    pre-training reuses it with its own `files` (the text blocks) and `trainer_cls`."""
+    train_file, eval_file = files
+    built = run.setup(job, eval_file, cfg, precision)
+    packing = getattr(built.cfg, "packing", False)
     args = session.training_arguments(TRLSFTConfig, built.cfg, job, built.precision, has_eval=built.has_eval,
                                       remove_unused_columns=False,  # keep loss_scale (and seq_lengths)
                                       dataset_kwargs={"skip_prepare_dataset": True}, packing=False, padding_free=False)
     cache = Path(job.scratch) / "datasets"
     with args.main_process_first(desc="reading the encoded examples"):  # one process writes the dataset caches
-        train_set, counts = train_data.load_sft(built.data_dir / "train.parquet", cache, job.max_length)
-        eval_set = train_data.load_sft(built.data_dir / "eval.parquet", cache, job.max_length)[0] if built.has_eval else None
-        if built.cfg.packing:
+        train_set, counts = train_data.load_sft(built.data_dir / train_file, cache, job.max_length)
+        eval_set = train_data.load_sft(built.data_dir / eval_file, cache, job.max_length,
+                                       limit=built.cfg.eval_examples)[0] if built.has_eval else None
+        if packing:
             train_set = train_data.pack(train_set, job.max_length)
             eval_set = train_data.pack(eval_set, job.max_length) if eval_set is not None else None
     tokenizer, model, peft_config = train_model.job_model(job, built.cfg, built.precision, args.device)
-    trainer = WeightedSFTTrainer(
+    trainer = trainer_cls(
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, processing_class=tokenizer,
         peft_config=peft_config,
-        data_collator=train_data.SFTCollator(job.pad_token_id, padding_free=built.cfg.packing),
-        token_counter=session.TokenCounter(),
+        data_collator=train_data.SFTCollator(job.pad_token_id, padding_free=packing),
+        token_counter=session.TokenCounter(), **trainer_kwargs,
     )
     run.trained_in_fp32(trainer, built)
     return trainer, {"built": built, "precision": built.precision, "cfg": built.cfg, "counts": counts}

@@ -1,4 +1,5 @@
-"""Stage `sft`: supervised fine-tuning of the base on the data artifact's encoded examples.
+"""Stage `sft`: supervised fine-tuning on the data artifact's encoded examples, of the base, or of the pretrain
+stage's model when the build has one (`info.trained_from` names which: the merge folds the adapter into it).
 
 Writes `adapter/` (a plain peft LoRA folder, safetensors) or, for `method: full`, `model/` (the
 whole model with the base's tokenizer files); `trainer_log.jsonl`; `loss.png`, `learning_rate.png`.
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from edgezh.artifacts import Artifact, scratch_dir
 from edgezh.errors import UserError
-from edgezh.layout import model_dir
+from edgezh.layout import stage_model_dir, start_stage
 from edgezh.recipe import SFTConfig, TrainCommon
 from edgezh.train.job import TrainJob, run_job
 
@@ -46,11 +47,11 @@ def make_job(cfg: SFTConfig, inputs: dict[str, Artifact], out: Path) -> TrainJob
     from edgezh.train.model import config_overrides_of
 
     template, pad_token_id, data_max = data_facts(inputs["data"], inputs["base"], "sft")
-    return TrainJob(kind="sft", config=cfg.model_dump(mode="json"), model_dir=str(model_dir(inputs["base"])),
+    return TrainJob(kind="sft", config=cfg.model_dump(mode="json"), model_dir=str(stage_model_dir(inputs, start_stage(inputs))),
                     data_dir=str(inputs["data"].path), template=template, pad_token_id=pad_token_id,
                     max_length=cfg.max_length or data_max, out=str(out), scratch=str(scratch_dir(out, cfg, inputs)),
                     config_overrides=config_overrides_of(cfg))
 
 
 def run(cfg: SFTConfig, inputs: dict[str, Artifact], out: Path) -> dict:
-    return execute(make_job(cfg, inputs, out), cfg, "sft")
+    return {**execute(make_job(cfg, inputs, out), cfg, "sft"), "trained_from": start_stage(inputs)}
