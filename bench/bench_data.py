@@ -34,14 +34,15 @@ base:
 data:
   sources: [{{path: {data}}}]
   max_length: 2048
-sft:
+output: {{root: {root}}}
+"""
+SFT = """sft:
   method: lora
   max_steps: 1
   batch_size: 1
   grad_accum: 1
   save_steps: 1000
   eval_examples: 16
-output: {{root: {root}}}
 """
 
 
@@ -52,15 +53,17 @@ def dataset(count: int) -> Path:
     return path
 
 
-def recipe(count: int, root: Path) -> Path:
+def recipe(count: int, root: Path, sft: bool = False) -> Path:
+    """The bench recipe; the sft section only for SFT runs (a data run with an older checkout must not meet
+    sft keys it does not know; the data stage's key does not depend on it)."""
     path = CACHE / f"recipe-{count}-{root.name}.yaml"
-    path.write_text(RECIPE.format(count=count, data=dataset(count), root=root), encoding="utf-8")
+    path.write_text(RECIPE.format(count=count, data=dataset(count), root=root) + (SFT if sft else ""), encoding="utf-8")
     return path
 
 
-def timed(command: list[str], env: dict | None = None) -> dict:
+def timed(command: list[str], env: dict | None = None, cwd: Path = ROOT) -> dict:
     started = time.monotonic()
-    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
+    process = subprocess.Popen(command, cwd=cwd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(process.pid, 0)
     wall = time.monotonic() - started
@@ -95,10 +98,10 @@ def stage(root: Path, count: int, name: str) -> dict:
 
 def data_run(count: int, root: Path, code: Path | None = None) -> dict:
     path = recipe(count, root)
-    env = {"PYTHONPATH": str(code)} if code else None
-    subprocess.run([*EDGEZH, "build", str(path), "--until", "base"], cwd=ROOT, env={**os.environ, **(env or {})},
+    env = {"PYTHONPATH": str(code)} if code else None  # `python -m` puts its working folder first on sys.path
+    subprocess.run([*EDGEZH, "build", str(path), "--until", "base"], cwd=code or ROOT, env={**os.environ, **(env or {})},
                    check=True, capture_output=True)
-    outside = timed([*EDGEZH, "build", str(path), "--until", "data", "--force", "data"], env)
+    outside = timed([*EDGEZH, "build", str(path), "--until", "data", "--force", "data"], env, code or ROOT)
     inside = stage(root, count, "data")
     info = inside.pop("info")
     return {**outside, **inside, "train": info["train"], "tokens_train": info["tokens_train"],
@@ -122,7 +125,7 @@ def main() -> None:
         results["data"].append(row)
         print(json.dumps(row), flush=True)
     for count in args.sft:
-        path = recipe(count, args.root)
+        path = recipe(count, args.root, sft=True)
         subprocess.run([*EDGEZH, "build", str(path), "--until", "data"], cwd=ROOT, check=True, capture_output=True)
         outside = timed([*EDGEZH, "build", str(path), "--until", "sft", "--force", "sft"])
         inside = stage(args.root, count, "sft")

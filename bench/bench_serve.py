@@ -16,7 +16,9 @@ Aggregate decode tok/s of the parallel side = Σ(tokens − 1) / (last chunk of 
 chunk of any stream); of the single side = the median stream's rate. The ratio is the median over
 rounds of aggregate ÷ single (both sides measured in the same round). Every parallel answer is
 compared with the same question's single answer (they must be equal: batch invariance); any 429
-is counted (there must be none). Results print as markdown and go to DIR/serve.json.
+is counted (there must be none). Then, with the server stopped, llama.cpp alone: one decode step of 4
+rows against one of 1 row (`ceiling`), the most batching can give on this machine. Results print as
+markdown and go to DIR/serve.json.
 """
 
 from __future__ import annotations
@@ -101,6 +103,48 @@ def parallel(url: str, tokens: int) -> list[dict]:
     return results
 
 
+def ceiling(gguf: Path, args: argparse.Namespace, steps: int = 60) -> dict:
+    """llama.cpp alone, no server and no sampling: the time of one `llama_decode` with `parallel` decode rows
+    (one per sequence, each after a 100-token prompt of its own) against one row, in a context loaded as
+    `edgezh serve` loads it (`loader.load_native`), 1-row and N-row steps alternating. N × t(1) ÷ t(N) is
+    the most that decoding N sequences together can give over one on this machine."""
+    import llama_cpp
+
+    from edgezh.runtime.loader import load_native
+
+    native = load_native(gguf, n_ctx=1024, parallel=args.parallel, n_threads=args.threads, n_gpu_layers=0,
+                         repack=args.repack)
+    ctx, batch = native.context.ctx, llama_cpp.llama_batch_init(512, 0, 1)
+    memory = llama_cpp.llama_get_memory(ctx)
+
+    def decode(rows: list[tuple[int, int, int]], logits: bool) -> float:
+        batch.n_tokens = 0
+        for i, (seq, pos, token) in enumerate(rows):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, logits
+            batch.seq_id[i][0] = seq
+            batch.n_tokens = i + 1
+        started = time.perf_counter()
+        if llama_cpp.llama_decode(ctx, batch) != 0:
+            raise SystemExit("llama_decode failed")
+        return time.perf_counter() - started
+
+    prompt = 100
+    for seq in range(args.parallel):
+        decode([(seq, pos, 1000 + pos) for pos in range(prompt)], False)
+    one, many = [], []
+    for step in range(steps):
+        for seq in range(args.parallel):  # the N-row step and the 1-row step decode the same position
+            llama_cpp.llama_memory_seq_rm(memory, seq, prompt, -1)
+        one.append(decode([(0, prompt, 2000 + step)], True))
+        llama_cpp.llama_memory_seq_rm(memory, 0, prompt, -1)
+        many.append(decode([(seq, prompt, 2000 + step) for seq in range(args.parallel)], True))
+    llama_cpp.llama_batch_free(batch)
+    native.close()
+    t1, tn = statistics.median(one), statistics.median(many)
+    return {"ms_1_row": round(t1 * 1000, 2), f"ms_{args.parallel}_rows": round(tn * 1000, 2),
+            "ratio": round(args.parallel * t1 / tn, 3)}
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
@@ -167,7 +211,8 @@ def main() -> None:
               "ratio": statistics.median(ratios), "ratios": ratios, "same_as_alone": [same, total],
               "ttft": {side: {"p50": percentile(values, 0.5), "p95": percentile(values, 0.95)}
                        for side, values in ttft.items()},
-              "tokens_per_answer": [r["tokens"] for row in rounds for r in row["parallel"]]}
+              "tokens_per_answer": [r["tokens"] for row in rounds for r in row["parallel"]],
+              "llama_cpp_ceiling": ceiling(gguf, args)}
     name = "serve-repack.json" if args.repack else "serve.json"
     (args.work / name).write_text(json.dumps(result, indent=2), encoding="utf-8")
     print(f"| GGUF | clients | decode tok/s | ratio | TTFT p50 | TTFT p95 | same answer as alone |")
@@ -177,6 +222,10 @@ def main() -> None:
     print(f"| {gguf.name} | {len(QUESTIONS)} | {result['aggregate_tps']:.1f} (aggregate) | {result['ratio']:.2f}× | "
           f"{result['ttft']['parallel']['p50'] * 1000:.0f} ms | {result['ttft']['parallel']['p95'] * 1000:.0f} ms | "
           f"{same}/{total} |")
+    c = result["llama_cpp_ceiling"]
+    print(f"\nllama.cpp alone (no server, no sampling): one decode step of {args.parallel} rows "
+          f"{c[f'ms_{args.parallel}_rows']} ms, of 1 row {c['ms_1_row']} ms: at most {c['ratio']}× from decoding "
+          f"{args.parallel} sequences together on this machine")
 
 
 if __name__ == "__main__":
