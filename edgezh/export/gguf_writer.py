@@ -31,6 +31,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
@@ -39,7 +40,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
@@ -423,6 +424,48 @@ def _source_tensor(item: _Tensor, tensor: "torch.Tensor | None", hp: _Hparams, a
 # --- convert --------------------------------------------------------------------------------------
 
 
+def output_part(out_file: Path, needed: int) -> Path:
+    """The `<out_file>.part` path a GGUF is written through, once the folder is known to exist, to be writable
+    and to have `needed` bytes free (each a UserError naming the folder)."""
+    out_dir = out_file.parent
+    if not out_dir.is_dir():
+        raise UserError(f"{out_dir}: output folder does not exist")
+    part = out_file.with_name(out_file.name + ".part")
+    try:  # fail fast, and plainly, on a folder we cannot write
+        part.open("wb").close()
+        part.unlink()
+    except OSError as exc:
+        raise UserError(f"{out_dir}: cannot write {part.name} there ({exc.strerror or exc})") from None
+    free = shutil.disk_usage(out_dir).free
+    if free < needed:
+        raise UserError(f"{out_dir}: not enough free disk for {out_file.name}: needs about {needed / 2**20:.0f} MiB, "
+                        f"{free / 2**20:.0f} MiB free")
+    return part
+
+
+@contextlib.contextmanager
+def atomic_writer(part: Path, out_file: Path) -> Iterator[Any]:
+    """A llama-architecture `gguf.GGUFWriter` on `part`. When the block ends, the file is flushed, synced, closed
+    and renamed to `out_file`; when it fails, it is closed and removed (a full disk becomes a UserError)."""
+    import gguf
+
+    writer = gguf.GGUFWriter(part, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    try:
+        yield writer
+        writer.flush()
+        assert writer.fout is not None
+        for handle in writer.fout:
+            os.fsync(handle.fileno())
+        writer.close()
+        os.replace(part, out_file)
+    except BaseException as exc:
+        writer.close()
+        part.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(f"{out_file.parent}: disk full while writing {out_file.name} ({exc.strerror})") from None
+        raise
+
+
 def convert(model_dir: Path, out_file: Path, outtype: str = "f16", *, template: str, name: str | None = None,
             adapter: "LoraAdapter | None" = None) -> dict:
     """Write ``out_file`` (atomically: to out_file + '.part' then os.replace); return facts:
@@ -449,21 +492,9 @@ def convert(model_dir: Path, out_file: Path, outtype: str = "f16", *, template: 
         adapter.check_covers(set(shapes))
         adapter.check_shapes(shapes)
 
-    out_dir = out_file.parent
-    if not out_dir.is_dir():
-        raise UserError(f"{out_dir}: output folder does not exist")
-    part = out_file.with_name(out_file.name + ".part")
-    try:  # fail fast, and plainly, on a folder we cannot write
-        part.open("wb").close()
-        part.unlink()
-    except OSError as exc:
-        raise UserError(f"{out_dir}: cannot write {part.name} there ({exc.strerror or exc})") from None
     payload = sum(gguf.GGUFWriter.ggml_pad(t.nbytes, gguf.GGUF_DEFAULT_ALIGNMENT) for t in plan)
     needed = payload + 2 * (model_dir / "tokenizer.json").stat().st_size + (1 << 20)  # + tokenizer metadata, header
-    free = shutil.disk_usage(out_dir).free
-    if free < needed:
-        raise UserError(f"{out_dir}: not enough free disk for {out_file.name}: needs about {needed / 2**20:.0f} MiB, "
-                        f"{free / 2**20:.0f} MiB free")
+    part = output_part(out_file, needed)
 
     vocab = _read_vocab(model_dir, n_vocab, config)
     needed_tokens = (fmt.eos_token, fmt.bos_token) if fmt.bos_token else (fmt.eos_token,)
@@ -484,8 +515,7 @@ def convert(model_dir: Path, out_file: Path, outtype: str = "f16", *, template: 
 
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
-    writer = gguf.GGUFWriter(part, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
-    try:
+    with atomic_writer(part, out_file) as writer:
         writer.add_name(name or model_dir.name)
         writer.add_context_length(hp.context)
         writer.add_embedding_length(hp.hidden)
@@ -528,18 +558,6 @@ def convert(model_dir: Path, out_file: Path, outtype: str = "f16", *, template: 
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         _write_tensors(writer, plan, hp, adapter)
-        writer.flush()
-        assert writer.fout is not None
-        for handle in writer.fout:
-            os.fsync(handle.fileno())
-        writer.close()
-        os.replace(part, out_file)
-    except BaseException as exc:
-        writer.close()
-        part.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise UserError(f"{out_dir}: disk full while writing {out_file.name} ({exc.strerror})") from None
-        raise
     return {
         "outtype": outtype,
         "tensors": len(plan),

@@ -33,10 +33,7 @@ a rename; on any failure nothing is left.
 
 from __future__ import annotations
 
-import errno
 import math
-import os
-import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -215,7 +212,7 @@ def convert(base_dir: Path, adapter_dir: Path, out_file: Path, outtype: str = "f
     "base", "adapter"}. Everything is checked against the base before a byte is written."""
     import gguf
 
-    from edgezh.export.gguf_writer import _encode
+    from edgezh.export.gguf_writer import _encode, atomic_writer, output_part
     from edgezh.export.tensor_stream import read_tensor
     from edgezh.progress import track
 
@@ -230,54 +227,30 @@ def convert(base_dir: Path, adapter_dir: Path, out_file: Path, outtype: str = "f
         raise UserError(f"adapter {adapter_dir}: no LoRA factors (lora_A / lora_B) in {WEIGHTS_NAME}")
     qtype = _qtype(outtype)
 
-    out_dir = out_file.parent
-    if not out_dir.is_dir():
-        raise UserError(f"{out_dir}: output folder does not exist")
-    part = out_file.with_name(out_file.name + ".part")
-    try:
-        part.open("wb").close()
-        part.unlink()
-    except OSError as exc:
-        raise UserError(f"{out_dir}: cannot write {part.name} there ({exc.strerror or exc})") from None
     payload = sum(gguf.GGUFWriter.ggml_pad(_nbytes(f.shape, qtype), gguf.GGUF_DEFAULT_ALIGNMENT) for f in factors)
-    free = shutil.disk_usage(out_dir).free
-    if free < payload + (1 << 20):
-        raise UserError(f"{out_dir}: not enough free disk for {out_file.name}: needs about {payload / 2**20:.0f} MiB, "
-                        f"{free / 2**20:.0f} MiB free")
+    part = output_part(out_file, payload + (1 << 20))
 
-    writer = gguf.GGUFWriter(part, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     try:
-        writer.add_type(gguf.GGUFType.ADAPTER)
-        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-        writer.add_name(name or adapter_dir.resolve().name)
-        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        for item in factors:
-            dtype = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16}.get(qtype)
-            writer.add_tensor_info(item.name, item.shape, np.dtype(dtype or np.float32), _nbytes(item.shape, qtype),
-                                   raw_dtype=None if dtype else qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        with open(adapter_dir / WEIGHTS_NAME, "rb", buffering=0) as f:
-            data_start = 8 + struct.unpack("<Q", f.read(8))[0]
-            for item in track(factors, "writing the adapter GGUF"):
-                tensor = read_tensor(f, data_start, adapter._header[item.key], f"{adapter_dir / WEIGHTS_NAME}: {item.key}")  # noqa: SLF001
-                data = _encode(_prepared(item, tensor), qtype)
-                writer.write_tensor_data(data)
-                del data, tensor
-        writer.flush()
-        assert writer.fout is not None
-        for handle in writer.fout:
-            os.fsync(handle.fileno())
-        writer.close()
-        os.replace(part, out_file)
-    except BaseException as exc:
-        writer.close()
-        part.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise UserError(f"{out_dir}: disk full while writing {out_file.name} ({exc.strerror})") from None
-        raise
+        with atomic_writer(part, out_file) as writer:
+            writer.add_type(gguf.GGUFType.ADAPTER)
+            writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+            writer.add_name(name or adapter_dir.resolve().name)
+            writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            for item in factors:
+                dtype = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16}.get(qtype)
+                writer.add_tensor_info(item.name, item.shape, np.dtype(dtype or np.float32), _nbytes(item.shape, qtype),
+                                       raw_dtype=None if dtype else qtype)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            with open(adapter_dir / WEIGHTS_NAME, "rb", buffering=0) as f:
+                data_start = 8 + struct.unpack("<Q", f.read(8))[0]
+                for item in track(factors, "writing the adapter GGUF"):
+                    tensor = read_tensor(f, data_start, adapter._header[item.key], f"{adapter_dir / WEIGHTS_NAME}: {item.key}")  # noqa: SLF001
+                    data = _encode(_prepared(item, tensor), qtype)
+                    writer.write_tensor_data(data)
+                    del data, tensor
     finally:
         adapter.close()
     modules = sorted({f.name.split(".")[-3] if f.name.startswith("blk.") else f.name.split(".")[0]
