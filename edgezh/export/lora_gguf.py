@@ -73,16 +73,12 @@ def _nbytes(shape: tuple[int, ...], qtype) -> int:
 
 def _base_layout(base_dir: Path) -> tuple[dict, dict[str, tuple[Path, int, dict]]]:
     """The base's config and every tensor's (shard, data start, header entry), from headers only."""
-    from edgezh.export.merge import base_shards
-    from edgezh.models.resolve import check_safetensors, read_config
+    from edgezh.export.merge import base_shards, unquantized_config
+    from edgezh.models.resolve import check_safetensors
 
     if not base_dir.is_dir():
         raise UserError(f"{base_dir}: base model folder not found (the Hugging Face folder the adapter was trained on)")
-    config = read_config(base_dir)
-    if config.get("quantization_config"):
-        method = config["quantization_config"].get("quant_method", "quantized")
-        raise UserError(f"{base_dir}: the base is quantized ({method}); give the original 16-bit folder the adapter "
-                        "was trained on")
+    config = unquantized_config(base_dir, "give the original 16-bit folder the adapter was trained on")
     tensors: dict[str, tuple[Path, int, dict]] = {}
     for shard in base_shards(base_dir):
         header = check_safetensors(shard)

@@ -53,6 +53,16 @@ def base_shards(base_dir: Path) -> list[Path]:
     return shards
 
 
+def unquantized_config(base_dir: Path, instead: str) -> dict:
+    """The base's config.json, refused (a UserError ending with `instead`) when the checkpoint is quantized:
+    adapters go onto the 16-bit weights they were trained on."""
+    config = read_config(base_dir)
+    if config.get("quantization_config"):
+        method = config["quantization_config"].get("quant_method", "quantized")
+        raise UserError(f"{base_dir}: the base is quantized ({method}); {instead}")
+    return config
+
+
 def _trained_4bit_recorded(adapter_dir: Path) -> bool:
     """Whether a training manifest beside the adapter (its artifact folder or the one above) says QLoRA."""
     for folder in (adapter_dir, adapter_dir.parent):
@@ -112,11 +122,7 @@ def plan_merge(base_dir: Path, adapter_dir: Path, *, dtype: str = "auto", shard_
         raise UserError(f"merge dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
     if shard_size_mb <= 0:
         raise UserError(f"merge shard_size_mb must be positive, not {shard_size_mb}")
-    config = read_config(base_dir)
-    if config.get("quantization_config"):
-        method = config["quantization_config"].get("quant_method", "quantized")
-        raise UserError(f"{base_dir}: the base is already quantized ({method}); merge the adapter into the original "
-                        "16-bit checkpoint it was trained from")
+    config = unquantized_config(base_dir, "merge the adapter into the original 16-bit checkpoint it was trained from")
     adapter = LoraAdapter.load(adapter_dir)
     layout: list[tuple[Path, int, list[tuple[str, dict]]]] = []
     owner: dict[str, Path] = {}
