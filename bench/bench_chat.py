@@ -63,7 +63,7 @@ async def run_app(engine, params, history: Path) -> dict:
         while app.generating or app.last_stats is None:
             if time.monotonic() > deadline:
                 raise SystemExit("the app did not finish its answer in 10 minutes")
-            await pilot.pause(0.05)
+            await asyncio.sleep(0.25)  # not pilot.pause: waiting for the app to be idle is work of its own
         stats = app.last_stats
         text = app.session.messages[-1]["content"]
     return {"tps": stats.decode_tps, "tokens": stats.completion_tokens, "text": text}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import shutil
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -126,6 +127,25 @@ def test_streams_deltas_that_add_up_with_stats(smollm2_f16_gguf: Path) -> None:
     assert generation.finish_reason in ("stop", "length")
     if generation.finish_reason == "stop":
         assert generation.stop_token in templates.get("chatml").stop_tokens
+
+
+def test_coalesced_deltas_are_the_same_text_in_fewer_pieces(tiny_gguf: Path) -> None:
+    engine = engine_for(tiny_gguf)
+    params = SamplingParams(max_tokens=64, seed=5, temperature=0.8)
+    alone = engine.chat(CHAT, params)
+    pieces = list(alone)
+    generation = engine.chat(CHAT, params)
+    coalesced = generation.deltas(0.01)
+    first = next(coalesced)
+    generation.wait(60)  # everything decoded meanwhile comes as one delta
+    rest = list(coalesced)
+    assert len(pieces) > 5 and len(rest) <= 1
+    assert first + "".join(rest) == generation.text == alone.text and generation.tokens == alone.tokens
+    stopped = engine.chat(CHAT, replace(params, max_tokens=1000))
+    for _ in stopped.deltas(0.01):
+        break  # a consumer that leaves early cancels the generation
+    stopped.wait(10)
+    assert stopped.finish_reason == "cancelled"
 
 
 def test_same_seed_same_answer(tiny_gguf: Path) -> None:

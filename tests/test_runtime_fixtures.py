@@ -188,6 +188,9 @@ class _ScriptedGeneration:
             yield tail
         self.text = "".join(parts)
 
+    def deltas(self, every: float) -> Iterator[str]:
+        return iter(self)
+
     def result(self) -> str:
         for _ in self:
             pass

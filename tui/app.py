@@ -1,8 +1,9 @@
 """`edgezh chat`: a Textual chat over the runtime engine.
 
-One thread worker per answer iterates `ChatSession.run_turn`. Text deltas are not messages: the
-worker appends them to a buffer and a UI timer shows what arrived at most `STREAM_REFRESH_HZ`
-times a second, as plain text that only grows (`StreamingAnswer`); the answer is rendered as
+One thread worker per answer iterates `ChatSession.run_turn`, which gathers the text of 50 ms into one
+delta (`Generation.deltas`: the worker does not wake, nor take the GIL from llama.cpp's decode thread,
+once per token). Text deltas are not messages: the worker appends them to a buffer and a UI timer
+shows what arrived at most `STREAM_REFRESH_HZ` times a second, as plain text that only grows (`StreamingAnswer`); the answer is rendered as
 Markdown once, when it is complete. So the UI costs a few repaints a second however fast the
 model decodes, and llama.cpp's threads keep the cores (the status line's tok/s is the engine's
 own decode rate). Every other event (tool calls, notices, the end of a step) is a typed message
@@ -206,6 +207,7 @@ class ChatApp(App[int]):
             self.notify(str(exc), title="无法恢复对话 · cannot resume", severity="error", timeout=15)
             self.session = ChatSession(engine, system=config.system, history=config.history or default_history_path(),
                                        **options)
+        self.session.coalesce = 1 / (2 * STREAM_REFRESH_HZ)  # the worker wakes at most twice per repaint
         system = self.session.system or ""
         from textual.widgets import TextArea
 

@@ -92,6 +92,8 @@ class ChatSession:
         self.history = history
         self.adapters: str | None = None
         """The engine's LoRA adapter set the next answers use (None: the base alone)."""
+        self.coalesce = 0.0
+        """Seconds of text gathered into one `Delta` (0: a delta per piece; see `Generation.deltas`)."""
         self.messages: list[dict[str, Any]] = []
         self.created = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
         if messages:
@@ -194,7 +196,7 @@ class ChatSession:
             if generation.dropped:
                 yield Notice(f"上下文已满：较早的 {generation.dropped} 条消息未发送给模型（系统提示保留）。"
                              f" Context full: the oldest {generation.dropped} messages were left out.")
-            for delta in generation:
+            for delta in generation.deltas(self.coalesce):
                 yield Delta(delta)
             stats = generation.stats
             if generation.finish_reason == "cancelled":

@@ -197,6 +197,42 @@ class Generation:
         if self.error is not None:
             raise self.error
 
+    def deltas(self, every: float) -> Iterator[str]:
+        """Like iterating, but what arrives within `every` seconds comes as one delta: the consumer's thread
+        wakes at most 1/`every` times a second instead of once per token (the terminal chat's worker, which
+        would otherwise take the GIL from the decode thread after every token)."""
+        if every <= 0 or self._started:
+            yield from self
+            return
+        parts: list[str] = []
+        lock, ready = threading.Lock(), threading.Event()
+
+        def sink(text: str | None, entries: list) -> None:  # in the decode thread
+            with lock:
+                if text:
+                    parts.append(text)
+            ready.set()
+
+        self.start(sink)
+        try:
+            while True:
+                ready.wait()
+                if not self.done.is_set():
+                    self.done.wait(every)  # let more tokens arrive (or the end)
+                with lock:
+                    text, parts[:] = "".join(parts), []
+                    ready.clear()
+                if text:
+                    yield text
+                if self.done.is_set() and not parts:
+                    break
+        finally:
+            if not self.done.is_set():  # the consumer stopped early
+                self.cancel.set()
+                self.engine.loop.wake()
+        if self.error is not None:
+            raise self.error
+
     def result(self) -> str:
         """Run to the end (if not yet) and return the whole text."""
         for _ in self:
