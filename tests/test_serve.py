@@ -312,6 +312,37 @@ def test_100_structured_responses_validate_streamed_and_not(parallel_server: Thr
     assert valid == 100 and len({text for text, _, _ in results}) > 20  # sampled: varied answers, all valid
 
 
+def test_schema_strings_refuse_raw_control_characters(smollm2_f16_gguf: Path) -> None:
+    """JSON strings cannot hold a raw newline or tab (RFC 8259); llama-cpp-python's schema grammar let them
+    in, and json.loads then refused the answer. After a string has started, llama.cpp's grammar sampler must
+    refuse the newline and tab tokens and take a letter or an escape."""
+    import ctypes
+    import math
+
+    import llama_cpp
+
+    from edgezh.runtime.structured import grammar_for as schema_grammar
+
+    engine = engine_for(smollm2_f16_gguf)
+    grammar = schema_grammar({"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMAS[3]}})
+    sampler = llama_cpp.llama_sampler_init_grammar(engine.vocab, grammar.encode(), b"root")
+    try:
+        for token in engine.tokenize('{ "people": [ { "name" : "Li'):
+            llama_cpp.llama_sampler_accept(sampler, token)
+
+        def allowed(text: str) -> bool:
+            (token,) = engine.tokenize(text)
+            data = (llama_cpp.llama_token_data * 1)()
+            data[0].id, data[0].logit = token, 1.0
+            llama_cpp.llama_sampler_apply(sampler, ctypes.byref(llama_cpp.llama_token_data_array(data, 1, -1, False)))
+            return math.isfinite(data[0].logit)
+
+        assert allowed("n") and allowed("\\") and allowed('"')
+        assert not allowed("\n") and not allowed("\t")
+    finally:
+        llama_cpp.llama_sampler_free(sampler)
+
+
 def test_json_object_and_unsupported_schema_keywords(parallel_server: ThreadServer) -> None:
     client = smol_client(parallel_server)
     reply = client.chat.completions.create(model="smol", max_tokens=120, temperature=0,

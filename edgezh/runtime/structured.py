@@ -4,7 +4,10 @@
 - `{"type": "json_object"}`: llama.cpp's JSON grammar (`llama_cpp.llama_grammar.JSON_GBNF`, whose
   root is an object).
 - `{"type": "json_schema", "json_schema": {"name", "schema", "strict"?}}`: the schema converted by
-  llama-cpp-python's port of llama.cpp's json-schema-to-grammar (`json_schema_to_gbnf`).
+  llama-cpp-python's port of llama.cpp's json-schema-to-grammar (`json_schema_to_gbnf`). Its string
+  character rule (`char ::= [^"\\] | …`) lets a raw newline or other control character into a string,
+  which JSON forbids (RFC 8259 §7; `json.loads` refuses it); it is replaced by llama.cpp's own rule,
+  which leaves U+0000–U+001F and U+007F out (`STRICT_CHAR`).
 
 The converter enforces a subset of JSON Schema and silently ignores the rest, so a schema with a
 keyword it cannot enforce would give answers that do not validate. `schema_problem` walks the
@@ -26,6 +29,12 @@ ENFORCED = frozenset({"type", "properties", "required", "additionalProperties", 
                       "maxItems", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "pattern", "minLength",
                       "maxLength"})
 TYPES = frozenset({"object", "array", "string", "number", "integer", "boolean", "null"})
+
+
+LOOSE_CHAR = r'char ::= [^"\\] | '
+"""The start of llama-cpp-python's string character rule: any character but a quote or backslash."""
+STRICT_CHAR = r'char ::= [^"\\\x7F\x00-\x1F] | '
+"""llama.cpp's: no control characters either (they must be escaped)."""
 
 
 class SchemaError(ValueError):
@@ -59,10 +68,12 @@ def grammar_for(response_format: dict[str, Any] | None) -> str | None:
         where = "json_schema.schema" + (f".{path}" if path else "")
         raise SchemaError(f"{where}: {reason}", where, keyword)
     try:
-        return json_schema_to_gbnf(json.dumps(schema))
+        grammar = json_schema_to_gbnf(json.dumps(schema))
     except Exception as exc:  # noqa: BLE001 - the converter asserts and raises on what it cannot build
         raise SchemaError(f"json_schema.schema: the grammar builder cannot handle this schema ({exc})",
                           "json_schema.schema") from None
+    return "\n".join(STRICT_CHAR + line[len(LOOSE_CHAR):] if line.startswith(LOOSE_CHAR) else line
+                     for line in grammar.split("\n"))
 
 
 def schema_problem(schema: Any, path: str = "") -> tuple[str, str | None, str] | None:
