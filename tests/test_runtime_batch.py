@@ -53,6 +53,33 @@ def test_several_sequences_really_decode_together(smollm2_f16_gguf: Path) -> Non
     assert tokens > 100 and engine.loop.steps - before < tokens // 2
 
 
+def test_new_requests_keep_the_busy_slots_one_consecutive_run(tiny_gguf: Path) -> None:
+    """llama.cpp computes decode rows of non-consecutive seq_ids as separate graphs, so a request that
+    joins takes the free slot next to the busy ones: with slots 0, 1, 2 busy and 1 ending, the next
+    request takes 1 (least recently used would have been 3), and the rows stay one run."""
+    from edgezh.runtime.batch import runs
+
+    assert runs({0, 1, 2}) == 1 and runs({0, 2, 3}) == 2 and runs({1, 3}) == 2 and runs(set()) == 0
+    engine = engine_for(tiny_gguf, parallel=4, n_ctx=256)
+    loop = engine.loop
+    for question in QUESTIONS[:4]:  # every slot used once, 0 first: least recently used is 0, 1, 2, 3
+        ask(engine, question, SamplingParams(max_tokens=2, temperature=0)).result()
+    long = SamplingParams(max_tokens=200, temperature=0, min_p=0, repeat_penalty=1.0)
+    first, short, third = (ask(engine, q, p).start() for q, p in
+                           zip(QUESTIONS, (long, SamplingParams(max_tokens=3, temperature=0), long)))
+    assert short.wait(60) and not first.done.is_set() and not third.done.is_set()
+    joining = ask(engine, QUESTIONS[3], long).start()
+    busy = set()
+    deadline = time.monotonic() + 30
+    while len(busy) < 3 and time.monotonic() < deadline:
+        busy = {slot.seq_id for slot in loop.slots if slot.job is not None}
+        time.sleep(0.001)
+    for generation in (first, third, joining):
+        generation.cancel.set()
+    loop.wake()
+    assert busy == {0, 1, 2} and runs(busy) == 1
+
+
 def test_multi_turn_reuses_the_cached_prefix(tiny_gguf: Path) -> None:
     engine = engine_for(tiny_gguf)
     chat = [{"role": "user", "content": "你好"}]

@@ -279,7 +279,11 @@ class DecodeLoop:
             if not free:
                 return
             job = self.waiting.popleft()
-            slot = max(free, key=lambda s: (self._reusable(s, job), -s.used))
+            busy = {running.slot.seq_id for running in self.running}
+            # Most reusable cells first; then the slot that keeps the busy seq_ids one consecutive run
+            # (llama.cpp computes each run of decode rows as a graph of its own, see `_step`); then the
+            # least recently used (its cached tokens are the least likely to be asked for again).
+            slot = max(free, key=lambda s: (self._reusable(s, job), -runs(busy | {s.seq_id}), -s.used))
             try:
                 self._start(job, slot)
             except BaseException as exc:  # noqa: BLE001 - the request fails, the loop goes on
@@ -319,7 +323,11 @@ class DecodeLoop:
     def _step(self) -> None:
         """One step: a decode call with one row for every sequence that is decoding (one call per
         adapter set), then one prompt chunk of the oldest sequence that still has prompt to feed (in
-        a call of its own)."""
+        a call of its own). Decode rows go in ascending seq_id order: with a KV stream per sequence,
+        llama.cpp puts only consecutive ascending seq_ids (0, 1, 2 — not 2, 0 nor 0, 2) into one
+        micro-batch and computes the rest as further graphs, so rows in admission order (say 3, 2, 1, 0)
+        cost nearly four 1-row steps (measured on SmolLM2 q4_k_m, 2 cores: 48 ms against 25 ms in
+        order; seq_ids 0, 2, 3 26 ms against 18 ms for 0, 1, 2 — hence the slot choice in `_admit`)."""
         for running in [r for r in self.running if r.job.cancel.is_set()]:
             self._end(running, "cancelled")
         groups: dict[str | None, list[_Running]] = {}
@@ -329,7 +337,7 @@ class DecodeLoop:
         for adapters, decoding in groups.items():
             self._batch.n_tokens = 0
             rows = []
-            for running in decoding:
+            for running in sorted(decoding, key=lambda r: r.slot.seq_id):  # see `_step`
                 if running in self.running:  # a failed call of another set may have ended it
                     rows.append((running, self._add(running, running.next, True)))
                 running.next = None
@@ -411,6 +419,12 @@ class DecodeLoop:
         running.job._finish(reason, error)
         with self._cond:
             self._cond.notify()
+
+
+def runs(seq_ids: set[int]) -> int:
+    """How many runs of consecutive seq_ids there are ({0, 1, 2}: 1; {0, 2, 3}: 2)."""
+    ordered = sorted(seq_ids)
+    return sum(1 for i, seq in enumerate(ordered) if i == 0 or seq != ordered[i - 1] + 1)
 
 
 def _common(a: list[int], b: list[int]) -> int:
