@@ -6,7 +6,8 @@ repacked CPU weights on and off, and decode speed against the machine's memory b
 1. Engine overhead. SmolLM2-135M-Instruct (the quickstart's base, real weights) is converted to an
    f16 GGUF and quantized with llama.cpp to q4_k_m and q8_0. For each GGUF a `llama_cpp.Llama` and
    an `edgezh.runtime.engine.Engine` (its own context and decode loop, `repack=True` as
-   llama-cpp-python loads weights, so both compute alike) are loaded in the same process, same
+   llama-cpp-python loads weights and flash attention on as the engine runs it, so both compute
+   alike) are loaded in the same process, same
    sampler settings and seed, and the two paths alternate, the KV cache cleared before every run:
    - baseline: `Llama.create_completion(prompt_text, stream=True, ...)` on the prompt the registry renders;
    - edgezh: `Engine.chat(messages, SamplingParams(...))` (renders, fits, streams pieces through the
@@ -137,7 +138,7 @@ def overhead(path: Path, threads: int, tokens: int, reps: int) -> dict:
     from edgezh.runtime.engine import Engine, SamplingParams
 
     llama = llama_cpp.Llama(str(path), n_ctx=1024, n_threads=threads, n_threads_batch=threads, n_gpu_layers=0,
-                            verbose=False)
+                            flash_attn=True, verbose=False)
     engine = Engine.load(path, template="chatml", n_ctx=1024, n_threads=threads, n_gpu_layers=0, repack=True)
     messages = [{"role": "system", "content": engine.format.default_system}, {"role": "user", "content": PROMPT}]
     prompt = engine.render(messages)

@@ -108,38 +108,20 @@ def ceiling(gguf: Path, args: argparse.Namespace, steps: int = 60) -> dict:
     (one per sequence, each after a 100-token prompt of its own) against one row, in a context loaded as
     `edgezh serve` loads it (`loader.load_native`), 1-row and N-row steps alternating. N × t(1) ÷ t(N) is
     the most that decoding N sequences together can give over one on this machine."""
-    import llama_cpp
+    from bench_decode_step import Steps
 
-    from edgezh.runtime.loader import load_native
-
-    native = load_native(gguf, n_ctx=1024, parallel=args.parallel, n_threads=args.threads, n_gpu_layers=0,
-                         repack=args.repack)
-    ctx, batch = native.context.ctx, llama_cpp.llama_batch_init(512, 0, 1)
-    memory = llama_cpp.llama_get_memory(ctx)
-
-    def decode(rows: list[tuple[int, int, int]], logits: bool) -> float:
-        batch.n_tokens = 0
-        for i, (seq, pos, token) in enumerate(rows):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, logits
-            batch.seq_id[i][0] = seq
-            batch.n_tokens = i + 1
-        started = time.perf_counter()
-        if llama_cpp.llama_decode(ctx, batch) != 0:
-            raise SystemExit("llama_decode failed")
-        return time.perf_counter() - started
-
+    context = Steps(gguf, parallel=args.parallel, threads=args.threads, repack=args.repack)
     prompt = 100
     for seq in range(args.parallel):
-        decode([(seq, pos, 1000 + pos) for pos in range(prompt)], False)
+        context.decode([(seq, pos, 1000 + pos) for pos in range(prompt)], False)
     one, many = [], []
     for step in range(steps):
         for seq in range(args.parallel):  # the N-row step and the 1-row step decode the same position
-            llama_cpp.llama_memory_seq_rm(memory, seq, prompt, -1)
-        one.append(decode([(0, prompt, 2000 + step)], True))
-        llama_cpp.llama_memory_seq_rm(memory, 0, prompt, -1)
-        many.append(decode([(seq, prompt, 2000 + step) for seq in range(args.parallel)], True))
-    llama_cpp.llama_batch_free(batch)
-    native.close()
+            context.forget(seq, prompt)
+        one.append(context.decode([(0, prompt, 2000 + step)]))
+        context.forget(0, prompt)
+        many.append(context.decode([(seq, prompt, 2000 + step) for seq in range(args.parallel)]))
+    context.close()
     t1, tn = statistics.median(one), statistics.median(many)
     return {"ms_1_row": round(t1 * 1000, 2), f"ms_{args.parallel}_rows": round(tn * 1000, 2),
             "ratio": round(args.parallel * t1 / tn, 3)}

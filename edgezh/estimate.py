@@ -12,7 +12,7 @@ Training memory (per GPU, bf16 mixed precision, AdamW):
 - ~0.75 GiB of CUDA context and allocator slack.
 DPO scores chosen and rejected (2× batch); full-weight DPO also holds a frozen reference copy.
 
-Running an exported GGUF (llama.cpp's defaults: f16 KV cache, 512-token micro-batches, no flash attention),
+Running an exported GGUF (f16 KV cache, 512-token micro-batches, without flash attention — the larger case),
 at the Modelfile's `num_ctx` (4096 without a modelfile section): the file's bytes, the KV cache
 (`edgezh.sizes.kv_cache_bytes`) and a compute buffer of 4·512·max(V, heads·ctx) bytes (the logits of one
 micro-batch, or its attention scores when those are larger; llama.cpp reported 252 MiB for the tiny Llama 3

@@ -107,10 +107,11 @@ def gguf_problem(path: Path) -> str:
 
 def load_native(path: Path, *, n_ctx: int, parallel: int = 1, n_threads: int | None = None,
                 n_gpu_layers: int | None = None, repack: bool = False, n_batch: int = DEFAULT_BATCH,
-                verbose: bool = False, adapters: Sequence[Any] = ()) -> Native:
+                flash_attn: bool = True, verbose: bool = False, adapters: Sequence[Any] = ()) -> Native:
     """Load `path` and make a context of `parallel` sequences of `n_ctx` tokens each.
-    `n_gpu_layers` None: every layer on the GPU when llama.cpp can offload, else 0. `adapters`:
-    `AdapterSet`s to load onto the model (checked from their headers first)."""
+    `n_gpu_layers` None: every layer on the GPU when llama.cpp can offload, else 0. `flash_attn`:
+    llama.cpp's fused attention where the backend has it (its default; False: the unfused graph).
+    `adapters`: `AdapterSet`s to load onto the model (checked from their headers first)."""
     try:
         import llama_cpp
         from llama_cpp import _internals
@@ -142,9 +143,9 @@ def load_native(path: Path, *, n_ctx: int, parallel: int = 1, n_threads: int | N
     context_params.n_seq_max = parallel
     context_params.kv_unified = False
     context_params.n_threads = context_params.n_threads_batch = threads
-    # llama-cpp-python's default on the CPU (keeps its create_completion and this engine comparable);
-    # llama.cpp decides when layers are offloaded.
-    context_params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO if gpu_layers
+    # llama.cpp's own default (its CLI and server): flash attention wherever the backend has it, the CPU
+    # included, where it decodes faster than the unfused attention (docs/benchmarks.md, "Decode steps").
+    context_params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO if flash_attn
                                       else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
     model = context = None
     try:
