@@ -23,7 +23,6 @@
 from __future__ import annotations
 
 import atexit
-import queue
 import threading
 import time
 import weakref
@@ -177,32 +176,19 @@ class Generation:
         return self
 
     def __iter__(self) -> Iterator[str]:
-        if self._started:  # iterated again, or started with a sink: nothing more to stream, wait for the end
+        return self.deltas()
+
+    def deltas(self, every: float = 0.0) -> Iterator[str]:
+        """The text as it is decoded: a delta per piece (iterating the generation is this), or with
+        `every` > 0 what arrives within `every` seconds as one delta, so the consumer's thread wakes at
+        most 1/`every` times a second instead of once per token (the terminal chat's worker, which would
+        otherwise take the GIL from the decode thread after every token). Submits the generation; when
+        it was started already (with a sink, or iterated before), waits for its end. Stopping early
+        cancels it; a failed generation raises its error."""
+        if self._started:
             self.done.wait()
             if self.error is not None:
                 raise self.error
-            return
-        items: queue.SimpleQueue = queue.SimpleQueue()
-        self.start(lambda text, entries: items.put(text))
-        try:
-            while True:
-                text = items.get()
-                if text is None:
-                    break
-                yield text
-        finally:
-            if not self.done.is_set():  # the consumer stopped early
-                self.cancel.set()
-                self.engine.loop.wake()
-        if self.error is not None:
-            raise self.error
-
-    def deltas(self, every: float) -> Iterator[str]:
-        """Like iterating, but what arrives within `every` seconds comes as one delta: the consumer's thread
-        wakes at most 1/`every` times a second instead of once per token (the terminal chat's worker, which
-        would otherwise take the GIL from the decode thread after every token)."""
-        if every <= 0 or self._started:
-            yield from self
             return
         parts: list[str] = []
         lock, ready = threading.Lock(), threading.Event()
@@ -217,14 +203,15 @@ class Generation:
         try:
             while True:
                 ready.wait()
-                if not self.done.is_set():
+                if every > 0 and not self.done.is_set():
                     self.done.wait(every)  # let more tokens arrive (or the end)
                 with lock:
-                    text, parts[:] = "".join(parts), []
+                    taken = parts[:]
+                    parts.clear()
                     ready.clear()
-                if text:
-                    yield text
-                if self.done.is_set() and not parts:
+                    finished = self.done.is_set()  # set before the last sink call: nothing follows
+                yield from (["".join(taken)] if every > 0 and taken else taken)
+                if finished:
                     break
         finally:
             if not self.done.is_set():  # the consumer stopped early
