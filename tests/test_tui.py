@@ -33,13 +33,20 @@ class RecordingApp(ChatApp):
         self.notes: list[tuple[str, str]] = []
 
         self.seen: list[tuple[str, int]] = []
+        self.fitted: list[bool] = []
 
     def notify(self, message, *, title="", severity="information", timeout=None, markup=True):  # noqa: D401
         self.notes.append((message, severity))
         super().notify(message, title=title, severity=severity, timeout=timeout, markup=markup)
 
     async def _show_incoming(self) -> None:
-        """The app's repaint of the streaming answer, remembering how much it showed each time."""
+        """The app's repaint of the streaming answer, remembering how much it showed each time and
+        whether the box laid out at the previous repaint is as tall as its text (repaints skip the
+        layout pass while the height does not change)."""
+        streaming = [w for w in answers(self) if isinstance(w, StreamingAnswer)]
+        if streaming and streaming[-1].content_size.width:
+            box = streaming[-1]
+            self.fitted.append(box.visual.get_height(box.styles, box.content_size.width) == box.content_size.height)
         await super()._show_incoming()
         shown = answers(self)
         self.seen.append((type(shown[-1]).__name__ if shown else "", len(shown[-1].source) if shown else 0))
@@ -91,6 +98,7 @@ def test_type_chinese_and_see_the_answer_stream(tiny_gguf: Path, tmp_path: Path)
             final = len(answers(app)[0].source)
             partial = {n for kind, n in app.seen if kind == "StreamingAnswer" and 0 < n < final}
             assert len(partial) > 1  # the box grew while the answer streamed, before it was complete
+            assert len(app.fitted) > 1 and all(app.fitted)  # and was laid out to its text's height
             assert isinstance(answers(app)[0], AnswerMessage)  # then rendered once as Markdown
             assert [w.text for w in app.query(UserMessage)] == ["你好，世界！"]
             assert answers(app)[0].source == app.session.messages[-1]["content"]
