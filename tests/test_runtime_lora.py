@@ -52,7 +52,8 @@ def direct_tokens(path: Path, adapters: list[tuple[Path, float]], prompt: list[i
     """Greedy tokens of llama-cpp-python's own `Llama` with the adapters attached (lora_gguf.attach)."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(str(path), n_ctx=512, n_threads=2, n_threads_batch=2, n_gpu_layers=0, verbose=False)
+    llm = llama_cpp.Llama(str(path), n_ctx=512, n_threads=2, n_threads_batch=2, n_gpu_layers=0, flash_attn=True,
+                          verbose=False)  # flash attention as the engine computes
     try:
         if adapters:
             lora_gguf.attach(llm, adapters)

@@ -41,12 +41,14 @@ class RecordingApp(ChatApp):
 
     async def _show_incoming(self) -> None:
         """The app's repaint of the streaming answer, remembering how much it showed each time and
-        whether the box laid out at the previous repaint is as tall as its text (repaints skip the
-        layout pass while the height does not change)."""
+        whether the box is as tall as its text or has a layout pass coming (repaints skip the layout
+        pass while the height does not change; on a busy machine the pass may still be pending)."""
         streaming = [w for w in answers(self) if isinstance(w, StreamingAnswer)]
         if streaming and streaming[-1].content_size.width:
             box = streaming[-1]
-            self.fitted.append(box.visual.get_height(box.styles, box.content_size.width) == box.content_size.height)
+            pending = box._layout_required or self.screen._layout_required
+            self.fitted.append(pending or box.visual.get_height(box.styles, box.content_size.width)
+                               == box.content_size.height)
         await super()._show_incoming()
         shown = answers(self)
         self.seen.append((type(shown[-1]).__name__ if shown else "", len(shown[-1].source) if shown else 0))
