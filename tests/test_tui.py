@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from textual.content import Content
 
 from conftest import ROOT, run_cli
 from edgezh.runtime.engine import Engine, SamplingParams
@@ -34,6 +35,7 @@ class RecordingApp(ChatApp):
 
         self.seen: list[tuple[str, int]] = []
         self.fitted: list[bool] = []
+        self.blinking: list[bool] = []
 
     def notify(self, message, *, title="", severity="information", timeout=None, markup=True):  # noqa: D401
         self.notes.append((message, severity))
@@ -41,14 +43,16 @@ class RecordingApp(ChatApp):
 
     async def _show_incoming(self) -> None:
         """The app's repaint of the streaming answer, remembering how much it showed each time and
-        whether the box is as tall as its text or has a layout pass coming (repaints skip the layout
-        pass while the height does not change; on a busy machine the pass may still be pending)."""
+        whether the box holds its whole text with at most `GROW_LINES` blank lines below it, or has a
+        layout pass coming (the box grows a few lines at a time, repaints in between skip the layout
+        pass; on a busy machine the pass may still be pending)."""
         streaming = [w for w in answers(self) if isinstance(w, StreamingAnswer)]
         if streaming and streaming[-1].content_size.width:
             box = streaming[-1]
             pending = box._layout_required or self.screen._layout_required
-            self.fitted.append(pending or box.visual.get_height(box.styles, box.content_size.width)
-                               == box.content_size.height)
+            needed = Content(box.source).get_height(box.styles, box.content_size.width)
+            self.fitted.append(pending or needed <= box.content_size.height <= needed + box.GROW_LINES)
+        self.blinking.append(self.query_one(PromptInput).cursor_blink)
         await super()._show_incoming()
         shown = answers(self)
         self.seen.append((type(shown[-1]).__name__ if shown else "", len(shown[-1].source) if shown else 0))
@@ -100,7 +104,8 @@ def test_type_chinese_and_see_the_answer_stream(tiny_gguf: Path, tmp_path: Path)
             final = len(answers(app)[0].source)
             partial = {n for kind, n in app.seen if kind == "StreamingAnswer" and 0 < n < final}
             assert len(partial) > 1  # the box grew while the answer streamed, before it was complete
-            assert len(app.fitted) > 1 and all(app.fitted)  # and was laid out to its text's height
+            assert len(app.fitted) > 1 and all(app.fitted)  # and was laid out to hold its text
+            assert not any(app.blinking) and app.query_one(PromptInput).cursor_blink  # still while streaming
             assert isinstance(answers(app)[0], AnswerMessage)  # then rendered once as Markdown
             assert [w.text for w in app.query(UserMessage)] == ["你好，世界！"]
             assert answers(app)[0].source == app.session.messages[-1]["content"]

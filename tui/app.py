@@ -3,13 +3,15 @@
 One thread worker per answer iterates `ChatSession.run_turn`, which gathers the text of 50 ms into one
 delta (`Generation.deltas`: the worker does not wake, nor take the GIL from llama.cpp's decode thread,
 once per token). Text deltas are not messages: the worker appends them to a buffer and a UI timer
-shows what arrived at most `STREAM_REFRESH_HZ` times a second, as plain text that only grows (`StreamingAnswer`); the answer is rendered as
-Markdown once, when it is complete. So the UI costs a few repaints a second however fast the
-model decodes, and llama.cpp's threads keep the cores (the status line's tok/s is the engine's
-own decode rate). Every other event (tool calls, notices, the end of a step) is a typed message
-whose handler first shows the buffered text. The UI never waits for llama.cpp. Errors are
-notifications (`notify(severity="error")`), and a message that could not be answered goes back
-into the input box, so nothing typed is lost.
+shows what arrived at most `STREAM_REFRESH_HZ` times a second, as plain text that only grows
+(`StreamingAnswer`, which grows a few lines at a time so that most repaints need no layout pass);
+the answer is rendered as Markdown once, when it is complete, and the prompt's cursor does not blink
+meanwhile. So the UI costs a few screen refreshes a second however fast the model decodes, and
+llama.cpp's threads keep the cores (the status line's tok/s is the engine's own decode rate). Every
+other event (tool calls, notices, the end of a step) is a typed message whose handler first shows
+the buffered text. The UI never waits for llama.cpp. Errors are notifications
+(`notify(severity="error")`), and a message that could not be answered goes back into the input
+box, so nothing typed is lost.
 
 LoRA adapter sets (`--lora`): the status line says which one the answers use ("LoRA: zh ×0.8",
 "LoRA: off"), and Ctrl+L cycles base → set 1 → set 2 → …; the next answer uses the new set and the
@@ -40,8 +42,10 @@ from edgezh.runtime.tools import ToolCall, Toolbox
 from .widgets import (AnswerMessage, ConfirmTool, NoticeMessage, PromptInput, SettingsPanel, StreamingAnswer, ToolMessage,
                       UserMessage)
 
-STREAM_REFRESH_HZ = 10
-"""Repaints a second while an answer streams."""
+STREAM_REFRESH_HZ = 5
+"""Repaints a second while an answer streams. Each is a Textual screen refresh of ~4 ms on one core, time
+llama.cpp's threads lose on a 2-core machine; at 10 a second the chat decoded 0.92× the engine's rate,
+at 5 (and no cursor blink, fewer layout passes) 0.96× (docs/benchmarks.md, "Chat app")."""
 
 
 @dataclass
@@ -256,11 +260,10 @@ class ChatApp(App[int]):
         self._pending_text = message.text
         self._user_widget = UserMessage(text)
         self.query_one("#conversation", VerticalScroll).mount(self._user_widget)
-        self.generating = True
         self.cancel_event = threading.Event()
         self._answer = None
         self._set_status("生成中… Esc 取消 · generating, Esc cancels")
-        self._repaint.resume()
+        self._streaming(True)
         self._run_turn(text, settings.params)
 
     @work(thread=True, group="turn", exit_on_error=False)
@@ -307,6 +310,16 @@ class ChatApp(App[int]):
     def _dismiss_confirm(self) -> None:
         if isinstance(self.screen, ConfirmTool):
             self.screen.dismiss(False)
+
+    def _streaming(self, on: bool) -> None:
+        """An answer starts or ends: the repaint timer runs only meanwhile, and the prompt's cursor
+        stops blinking (each blink is a screen refresh, time the cores would not decode)."""
+        self.generating = on
+        if on:
+            self._repaint.resume()
+        else:
+            self._repaint.pause()
+        self.query_one(PromptInput).cursor_blink = not on
 
     async def _show_incoming(self) -> None:
         """Append what the worker buffered to the streaming answer (the UI timer, and before events)."""
@@ -366,8 +379,7 @@ class ChatApp(App[int]):
             elif event.finish_reason == "length" and answer is not None:
                 answer.border_subtitle = "达到长度上限 · max tokens reached"
             self._answer = self._finished_answer = None
-            self.generating = False
-            self._repaint.pause()
+            self._streaming(False)
             self._pending_text = ""
             self._show_stats(event.stats)
 
@@ -375,8 +387,7 @@ class ChatApp(App[int]):
     async def _on_turn_failed(self, message: TurnFailed) -> None:
         await self._show_incoming()
         await self._finish_answer(None)
-        self.generating = False
-        self._repaint.pause()
+        self._streaming(False)
         if self._user_widget is not None and self.session is not None and \
                 not any(m.get("role") == "user" and m.get("content") == message.text for m in self.session.messages[-1:]):
             await self._user_widget.remove()

@@ -8,6 +8,7 @@ from textual import events, on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.content import Content
 from textual.message import Message
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Markdown, Static, TextArea
@@ -26,21 +27,32 @@ class UserMessage(Static):
 
 class StreamingAnswer(Static):
     """The answer while it streams: plain text that only grows (no Markdown parse per delta); the app
-    replaces it by an `AnswerMessage` rendered once when the answer is complete. A repaint lays the
-    screen out again only when the text needs another line: a layout pass over the whole screen is
-    most of what a repaint costs (docs/benchmarks.md, "Chat app")."""
+    replaces it by an `AnswerMessage` rendered once when the answer is complete. A repaint of the text
+    alone costs ~4 ms of Textual's screen refresh; one that changes the box's height lays the whole
+    screen out again (~9 ms on this app's 40 widgets, docs/benchmarks.md, "Chat app"). So the box grows
+    `GROW_LINES` lines ahead of its text: the screen is laid out once every few lines, not at each."""
+
+    GROW_LINES = 4
+    """Blank lines the box keeps below its text when it grows (so at most this many show)."""
 
     def __init__(self) -> None:
         super().__init__("", markup=False)
         self.source = ""
+        self.lines = 0
+        """Text lines the box has room for (its content height once laid out)."""
         self.border_title = "助手 · Assistant"
 
     def append(self, text: str) -> None:
         self.source += text
-        self.update(self.source, layout=False)
-        width, height = self.content_size
-        if not width or self.visual.get_height(self.styles, width) != height:
-            self.refresh(layout=True)
+        width = self.content_size.width
+        if not width:  # not laid out yet: the first layout pass sizes the box
+            self.update(self.source)
+            return
+        needed = Content(self.source).get_height(self.styles, width)
+        resize = not self.lines - self.GROW_LINES <= needed <= self.lines  # more text, or a new width
+        if resize:
+            self.lines = needed + self.GROW_LINES
+        self.update(self.source + "\n" * (self.lines - needed), layout=resize)
 
 
 class AnswerMessage(Markdown):
