@@ -162,3 +162,38 @@ def test_closing_the_engine_ends_its_generations(tiny_gguf: Path) -> None:
     assert generation.done.is_set() and generation.finish_reason == "cancelled"
     with pytest.raises(RuntimeError, match="closed"):
         ask(engine, "你好").start()
+
+
+@pytest.mark.parametrize("repeat, frequency, presence", [(1.1, 0.0, 0.0), (1.3, 0.2, 0.5), (1.0, 0.0, 0.0)])
+def test_penalties_change_the_logits_exactly_as_llama_cpp_does(repeat: float, frequency: float, presence: float) -> None:
+    """`Penalties` (numpy, in place) against llama.cpp's own penalties sampler on the same history:
+    bit-identical logits after each of 150 accepted tokens (the 64-token window rolls over), with
+    negative and positive logits among the penalised ones."""
+    import ctypes
+
+    import llama_cpp
+    import numpy as np
+
+    from edgezh.runtime.batch import PENALTY_LAST_N, Penalties
+
+    n_vocab, rng = 5000, np.random.default_rng(7)
+    params = SamplingParams(repeat_penalty=repeat, frequency_penalty=frequency, presence_penalty=presence)
+    ours = Penalties(params)
+    theirs = llama_cpp.llama_sampler_init_penalties(n_vocab, PENALTY_LAST_N, repeat, frequency, presence)
+    data = (llama_cpp.llama_token_data * n_vocab)()
+    view = np.frombuffer(data, dtype=np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")]))
+    try:
+        for step in range(150):
+            logits = rng.normal(0, 4, n_vocab).astype(np.float32)
+            view["id"], view["logit"], view["p"] = np.arange(n_vocab), logits, 0.0
+            llama_cpp.llama_sampler_apply(theirs, ctypes.byref(llama_cpp.llama_token_data_array(data, n_vocab, -1, False)))
+            mine = logits.copy()
+            ours.apply(mine)
+            assert np.array_equal(mine, view["logit"]), f"step {step}"
+            if step and (repeat, frequency, presence) != (1.0, 0.0, 0.0):
+                assert not np.array_equal(mine, logits)  # something was penalised
+            token = int(rng.integers(0, 40))  # few distinct tokens: counts above 1
+            ours.accept(token)
+            llama_cpp.llama_sampler_accept(theirs, token)
+    finally:
+        llama_cpp.llama_sampler_free(theirs)
