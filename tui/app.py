@@ -43,9 +43,9 @@ from .widgets import (AnswerMessage, ConfirmTool, NoticeMessage, PromptInput, Se
                       UserMessage)
 
 STREAM_REFRESH_HZ = 5
-"""Repaints a second while an answer streams. Each is a Textual screen refresh of ~4 ms on one core, time
-llama.cpp's threads lose on a 2-core machine; at 10 a second the chat decoded 0.92× the engine's rate,
-at 5 (and no cursor blink, fewer layout passes) 0.96× (docs/benchmarks.md, "Chat app")."""
+"""Repaints a second while an answer streams. Each is a Textual screen refresh (a few ms on one core),
+time that llama.cpp's threads lose on a 2-core machine; what 10 against 5 a second costs the decode
+rate is measured in docs/benchmarks.md ("Chat app")."""
 
 
 @dataclass

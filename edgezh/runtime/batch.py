@@ -170,7 +170,7 @@ class Sampler:
 
         import llama_cpp
 
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, row), shape=(self.n_vocab,))
+        logits = row_logits(ctx, row, self.n_vocab)
         self.penalties.apply(logits)
         if self.grammar is None:
             token = llama_cpp.llama_sampler_sample(self.chain.sampler, ctx, row)
@@ -206,6 +206,14 @@ class Sampler:
         if self.grammar is not None:
             llama_cpp.llama_sampler_free(self.grammar)
             self.grammar = None
+
+
+def row_logits(ctx: Any, row: int, n_vocab: int) -> np.ndarray:
+    """The logits llama.cpp computed for decode row `row`, as a numpy view of its own buffer (writable:
+    sampling changes them in place; valid until the next `llama_decode`)."""
+    import llama_cpp
+
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, row), shape=(n_vocab,))
 
 
 def logprobs_of(row: np.ndarray, token: int, top: int) -> dict[str, Any]:
@@ -424,8 +432,7 @@ class DecodeLoop:
                 continue
             logits = None
             if running.job.params.logprobs is not None:  # the model's own logits, before sampling changes them
-                logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, row),
-                                               shape=(self.n_vocab,)).copy()
+                logits = row_logits(self.ctx, row, self.n_vocab).copy()
             token = running.sampler.sample(self.ctx, row)
             logprobs = None if logits is None else logprobs_of(logits, token, running.job.params.logprobs)
             try:
