@@ -1,15 +1,16 @@
-"""GGUF facts shared by the importer and the writer: llama.cpp's pre-tokenizer definitions, and a
-reader of a few metadata values from a GGUF header without loading the model.
+"""GGUF facts shared by the importer and the writer: llama.cpp's pre-tokenizer definitions, and the
+one reader of GGUF headers without loading the model (`Header`: keys, a few values, the tensor
+table; `read_metadata` on top of it).
 
 gguf-py's `GGUFReader` parses every field and tensor (seconds for a 128k-token vocabulary); this
-scanner walks the key/value section once, skipping arrays, and keeps only the keys asked for.
+scanner walks the header once, skipping arrays, and keeps only the values asked for.
 """
 
 from __future__ import annotations
 
 import struct
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable
+from typing import Any, BinaryIO, Callable, Iterable
 
 from edgezh.errors import UserError
 
@@ -90,36 +91,81 @@ class _Reader:
         raise UserError(f"{self.path}: corrupt GGUF (unknown value type {kind} in the header)")
 
 
+class Header:
+    """A GGUF's header, read in one pass without gguf-py (arrays not asked for are skipped): `keys`, every
+    key present; `values`, the values of the keys for which `keep(key, arch)` is true (`arch`: the value
+    of general.architecture once it has been read; general.alignment is always kept); with `tensors`,
+    the tensor table as (name, ggml dims, ggml type name, data offset) and `end`, where the table ends.
+    A corrupt header, or a tensor type gguf-py does not know, is a UserError naming the file."""
+
+    def __init__(self, path: Path, keep: Callable[[str, str | None], bool], *, tensors: bool = False):
+        import gguf
+
+        self.path = Path(path)
+        self.keys: set[str] = set()
+        self.values: dict[str, Any] = {}
+        self.tensors: list[tuple[str, list[int], str, int]] = []
+        self.end: int | None = None
+        with open(path, "rb") as handle:
+            reader = _Reader(handle, self.path)
+            if reader.take(4) != b"GGUF":
+                raise UserError(f"{path}: not a GGUF file")
+            version = reader.unpack("<I")
+            if version < 2:
+                raise UserError(f"{path}: GGUF version {version} is too old for llama.cpp")
+            n_tensors, n_kv = reader.unpack("<Q"), reader.unpack("<Q")
+            arch = None
+            for _ in range(n_kv):
+                key = reader.string().decode("utf-8", "replace")
+                wanted = key == "general.alignment" or keep(key, arch)
+                value = reader.value(reader.unpack("<I"), wanted)
+                self.keys.add(key)
+                if key == "general.architecture":
+                    arch = value
+                if wanted:
+                    self.values[key] = value
+            if tensors:
+                for _ in range(n_tensors):
+                    name = reader.string().decode("utf-8", "replace")
+                    dims = [reader.unpack("<Q") for _ in range(reader.unpack("<I"))]
+                    kind, offset = reader.unpack("<I"), reader.unpack("<Q")
+                    try:
+                        kind_name = gguf.GGMLQuantizationType(kind).name
+                        gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)]
+                    except (ValueError, KeyError):
+                        raise UserError(f"{path}: corrupt GGUF (tensor {name} has unknown ggml type {kind})") from None
+                    self.tensors.append((name, dims, kind_name, offset))
+                self.end = handle.tell()
+        self.alignment = int(self.values.get("general.alignment") or 32)
+
+
+def tensor_nbytes(dims: list[int], kind: str) -> int:
+    """Bytes of a tensor's data: `dims` ggml dimensions, `kind` a ggml type name (Q4_K, F16…)."""
+    import gguf
+
+    block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]]
+    elements = 1
+    for dim in dims:
+        elements *= int(dim)
+    return elements // block * type_size
+
+
 def read_metadata(path: Path, keys: Iterable[str], *, check_data: bool = False) -> dict[str, Any]:
     """The values of `keys` found in the GGUF's header ("{arch}" in a key is the architecture).
     With `check_data`, also read the tensor table and raise UserError when a tensor's data lies
     past the end of the file (a truncated download or copy)."""
     wanted = set(keys)
-    found: dict[str, Any] = {}
-    with open(path, "rb") as handle:
-        reader = _Reader(handle, Path(path))
-        if reader.take(4) != b"GGUF":
-            raise UserError(f"{path}: not a GGUF file")
-        version = reader.unpack("<I")
-        if version < 2:
-            raise UserError(f"{path}: GGUF version {version} is too old for llama.cpp")
-        n_tensors = reader.unpack("<Q")
-        n_kv = reader.unpack("<Q")
-        arch = None
-        for _ in range(n_kv):
-            key = reader.string().decode("utf-8", "replace")
-            kind = reader.unpack("<I")
-            if arch is not None:
-                keep = key in wanted or key.replace(f"{arch}.", "{arch}.", 1) in wanted
-            else:
-                keep = key in wanted or key == "general.architecture" or key.endswith(".context_length")
-            value = reader.value(kind, keep)
-            if key == "general.architecture":
-                arch = value
-            if keep or key == "general.alignment":
-                found[key] = value
-        if check_data:
-            _check_tensor_data(reader, n_tensors, int(found.get("general.alignment") or 32))
+
+    def keep(key: str, arch: str | None) -> bool:
+        if arch is not None:
+            return key in wanted or key.replace(f"{arch}.", "{arch}.", 1) in wanted
+        return key in wanted or key == "general.architecture" or key.endswith(".context_length")
+
+    header = Header(Path(path), keep, tensors=check_data)
+    found = dict(header.values)
+    if check_data:
+        _check_tensor_data(header)
+    arch = found.get("general.architecture")
     if arch is not None:
         for key in list(found):
             if key.startswith(f"{arch}."):
@@ -127,26 +173,11 @@ def read_metadata(path: Path, keys: Iterable[str], *, check_data: bool = False) 
     return {key: found[key] for key in wanted if key in found}
 
 
-def _check_tensor_data(reader: _Reader, n_tensors: int, alignment: int) -> None:
-    import gguf
-
-    extents = []
-    for _ in range(n_tensors):
-        name = reader.string().decode("utf-8", "replace")
-        dims = [reader.unpack("<Q") for _ in range(reader.unpack("<I"))]
-        kind, offset = reader.unpack("<I"), reader.unpack("<Q")
-        try:
-            block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)]
-        except (ValueError, KeyError):
-            raise UserError(f"{reader.path}: corrupt GGUF (tensor {name} has unknown type {kind})") from None
-        elements = 1
-        for dim in dims:
-            elements *= dim
-        extents.append((offset + elements // block * size, name))
-    start = reader.handle.tell()
-    start += -start % alignment
+def _check_tensor_data(header: Header) -> None:
+    extents = [(offset + tensor_nbytes(dims, kind), name) for name, dims, kind, offset in header.tensors]
+    start = header.end + -header.end % header.alignment
     end, name = max(extents, default=(0, ""))
-    actual = reader.path.stat().st_size
+    actual = header.path.stat().st_size
     if start + end > actual:
-        raise UserError(f"{reader.path}: corrupt or truncated GGUF (tensor {name} ends at byte {start + end}, "
+        raise UserError(f"{header.path}: corrupt or truncated GGUF (tensor {name} ends at byte {start + end}, "
                         f"the file has {actual})")

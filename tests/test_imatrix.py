@@ -55,10 +55,10 @@ def test_name_map_covers_every_linear_layer_of_the_gguf(tiny_llama3: Path, tiny_
     assert names["model.layers.0.mlp.down_proj"] == "blk.0.ffn_down.weight"
     assert names["lm_head"] == "output.weight"
     # every 2-D weight of edgezh's GGUF except the embeddings, with the row length the imatrix has
-    from edgezh.export.quantize import _Table  # the header without parsing the 128k vocabulary
+    from edgezh.gguf_meta import Header  # the header without parsing the 128k vocabulary
 
-    table = _Table(cached_gguf(tiny_llama3, "llama3"))
-    matrices = {name: dims[0] for name, dims, _ in table.tensors if len(dims) == 2}
+    table = Header(cached_gguf(tiny_llama3, "llama3"), lambda key, arch: False, tensors=True)
+    matrices = {name: dims[0] for name, dims, *_ in table.tensors if len(dims) == 2}
     assert set(names.values()) == set(matrices) - {"token_embd.weight"}
     modules = dict(tiny_model.named_modules())
     assert all(matrices[g] == modules[h].in_features for h, g in names.items())

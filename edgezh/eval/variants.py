@@ -163,39 +163,13 @@ def annotate_groups(variants: list[Variant]) -> None:
             v.facts.setdefault("group", gguf_group(Path(v.facts["file"])))
 
 
-def bits_per_weight(path: Path) -> float | None:
-    """Bits per weight over the tensor data, as llama.cpp reports it and `edgezh.export.quantize.describe` computes
-    it, read from the tensor table alone (gguf-py's reader parses the whole vocabulary first: seconds per file)."""
-    import gguf
-
-    from edgezh.gguf_meta import _Reader
-
-    with open(path, "rb") as handle:
-        reader = _Reader(handle, Path(path))
-        reader.take(4)
-        reader.unpack("<I")
-        n_tensors, n_kv = reader.unpack("<Q"), reader.unpack("<Q")
-        for _ in range(n_kv):
-            reader.string()
-            reader.value(reader.unpack("<I"), False)
-        params = data = 0
-        for _ in range(n_tensors):
-            reader.string()
-            elements = 1
-            for _dim in range(reader.unpack("<I")):
-                elements *= reader.unpack("<Q")
-            kind = reader.unpack("<I")
-            reader.unpack("<Q")
-            block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)]
-            params += elements
-            data += elements // block * size
-    return round(data * 8 / params, 3) if params else None
-
-
 def gguf_variant(path: Path, name: str, *, n_ctx: int, quantized: bool, threads: int | None = None) -> Variant:
     """A GGUF file as a variant: its size, bits per weight and (quantized) its group, all from the file."""
+    from edgezh.export.quantize import describe
+
     v = Variant(name, "llama.cpp", quantized, partial(GGUFBackend, path, n_ctx=n_ctx, name=name, threads=threads),
-                path.stat().st_size, {"file": str(path), "bytes": path.stat().st_size, "bits_per_weight": bits_per_weight(path)})
+                path.stat().st_size, {"file": str(path), "bytes": path.stat().st_size,
+                                      "bits_per_weight": describe(path)["bits_per_weight"]})
     if quantized:
         v.facts["group"] = gguf_group(path)
     return v

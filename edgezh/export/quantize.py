@@ -38,6 +38,7 @@ import numpy as np
 from edgezh.errors import UserError
 from edgezh.estimate import GGUF_BPW
 from edgezh.export.native import captured_stderr, ensure_writable
+from edgezh.gguf_meta import Header, tensor_nbytes
 from edgezh.recipe import NEEDS_IMATRIX, QuantType
 
 # Every llama.cpp file type edgezh offers (the LLAMA_FTYPE_MOSTLY_* names, lower case), and the ones that
@@ -193,53 +194,6 @@ def _check_src(src: Path) -> None:
             raise UserError(f"{src}: not a GGUF file")
 
 
-class _Table:
-    """A GGUF's header read fast (vocabulary arrays skipped, not parsed): the keys present, the
-    values of a few, every tensor's (name, ggml dims, type name) and where the tensor table ends."""
-
-    def __init__(self, path: Path, keep: tuple[str, ...] = ()):
-        import gguf
-
-        from edgezh.gguf_meta import _Reader
-
-        self.keys: set[str] = set()
-        self.values: dict[str, Any] = {}
-        self.tensors: list[tuple[str, list[int], str]] = []
-        with open(path, "rb") as handle:
-            r = _Reader(handle, Path(path))
-            if r.take(4) != b"GGUF":
-                raise UserError(f"{path}: not a GGUF file")
-            r.unpack("<I")
-            n_tensors, n_kv = r.unpack("<Q"), r.unpack("<Q")
-            for _ in range(n_kv):
-                key = r.string().decode("utf-8", "replace")
-                wanted = key in keep or key == "general.alignment"
-                value = r.value(r.unpack("<I"), wanted)
-                self.keys.add(key)
-                if wanted:
-                    self.values[key] = value
-            for _ in range(n_tensors):
-                name = r.string().decode("utf-8", "replace")
-                dims = [r.unpack("<Q") for _ in range(r.unpack("<I"))]
-                kind = r.unpack("<I")
-                r.unpack("<Q")
-                try:
-                    kind_name = gguf.GGMLQuantizationType(kind).name
-                except ValueError:
-                    raise UserError(f"{path}: tensor {name} has unknown ggml type {kind}") from None
-                self.tensors.append((name, dims, kind_name))
-            self.header_end = handle.tell()
-        self.alignment = int(self.values.get("general.alignment") or 32)
-
-    @staticmethod
-    def nbytes(dims: list[int], kind: str) -> int:
-        import gguf
-
-        block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]]
-        n = int(np.prod(dims)) if dims else 1
-        return n // block * type_size
-
-
 def quantize(src: Path, dst: Path, qtype: str, threads: int | None = None, *,
              imatrix: dict[str, np.ndarray] | None = None, imatrix_meta: dict | None = None,
              tensor_types: list[tuple[str, str]] | None = None, output_type: str | None = None,
@@ -316,14 +270,14 @@ def dry_run_size(src: Path, qtype: str, threads: int | None = None, *,
     chosen: dict[str, str] = {}
     for m in _TENSOR_LINE.finditer("".join(text)):
         chosen[m.group(1)] = (m.group(3) or m.group(2)).upper()
-    table = _Table(src)
-    if len(chosen) != len(table.tensors) or any(name not in chosen for name, _, _ in table.tensors):
+    table = Header(src, lambda key, arch: False, tensors=True)
+    if len(chosen) != len(table.tensors) or any(name not in chosen for name, *_ in table.tensors):
         raise UserError(f"llama.cpp's dry run of {src.name} named {len(chosen)} of {len(table.tensors)} tensors; "
                         "cannot size it (its log format may have changed)")
     align = table.alignment
     data = params = raw = 0
     types: Counter[str] = Counter()
-    for name, dims, _ in table.tensors:
+    for name, dims, _, _ in table.tensors:
         kind = chosen[name]
         block = _block(kind)
         if int(dims[0]) % block:
@@ -331,7 +285,7 @@ def dry_run_size(src: Path, qtype: str, threads: int | None = None, *,
             # output_type, token_embedding_type): that file would fail its row validation when written
             raise UserError(f"{name}: rows of {int(dims[0])} values are not a multiple of {kind.lower()}'s block of "
                             f"{block}; give that tensor a type whose block divides {int(dims[0])} (e.g. q8_0, q5_0, q4_0)")
-        size = _Table.nbytes(dims, kind)
+        size = tensor_nbytes(dims, kind)
         data += -(-size // align) * align
         raw += size
         params += int(np.prod(dims))
@@ -354,12 +308,12 @@ def _restore_log() -> None:
         llama_cpp.llama_log_set(ctypes.cast(None, llama_cpp.llama_log_callback), ctypes.c_void_p(0))
 
 
-def _header_bytes(table: _Table, imatrix: dict | None, imatrix_meta: dict | None) -> int:
+def _header_bytes(table: Header, imatrix: dict | None, imatrix_meta: dict | None) -> int:
     """Bytes before the tensor data (unpadded) of the quantizer's output: the source header plus the
     keys the quantizer adds (general.quantization_version, general.file_type, quantize.imatrix.*)."""
     import gguf
 
-    end = table.header_end
+    end = table.end
 
     def kv_size(key: str, value: Any) -> int:
         size = 8 + len(key.encode()) + 4
@@ -402,15 +356,15 @@ def describe(path: Path, qtype: str | None = None) -> dict:
     A fallback is a 2-D tensor (other than output/token_embd) whose row length is not a multiple
     of the block of `qtype`'s main type (256 for K and most IQ types, 32 for legacy and iq4_nl):
     llama.cpp had to give it another type than the mix intended."""
-    table = _Table(Path(path), keep=IMATRIX_KEYS)
+    table = Header(Path(path), lambda key, arch: key in IMATRIX_KEYS, tensors=True)
     types: Counter[str] = Counter()
     fallback = []
     params = data = 0
     block = _fallback_block(qtype) if qtype in _DEFAULT_TYPE else None
-    for name, dims, kind in table.tensors:
+    for name, dims, kind, _ in table.tensors:
         types[kind] += 1
         params += int(np.prod(dims))
-        data += _Table.nbytes(dims, kind)
+        data += tensor_nbytes(dims, kind)
         if qtype is None or len(dims) < 2 or name in OWN_TYPE_TENSORS:
             continue
         row = int(dims[0])
