@@ -64,8 +64,8 @@ def quickstart_adapter(smollm2: Path, tmp_path_factory) -> Path:
 
 def _reference_lora_converter() -> Path | None:
     """llama.cpp's convert_lora_to_gguf.py with gguf-py and conversion/ beside it: beside
-    $EDGEZH_LLAMA_CPP_CONVERT, else in .cache/llama.cpp/ (vendor/llama.cpp of the llama-cpp-python sdist:
-    `pip download llama-cpp-python==0.3.36 --no-binary :all: --no-deps`, then extract it there)."""
+    $EDGEZH_LLAMA_CPP_CONVERT, else in .cache/llama.cpp/, which `make test` extracts from the installed
+    llama-cpp-python's sdist."""
     folders = [Path(os.environ["EDGEZH_LLAMA_CPP_CONVERT"]).parent] if os.environ.get("EDGEZH_LLAMA_CPP_CONVERT") else []
     for folder in folders + [ROOT / ".cache" / "llama.cpp"]:
         script = folder / "convert_lora_to_gguf.py"
@@ -91,8 +91,8 @@ def test_matches_llama_cpp_convert_lora_to_gguf(case, tiny_llama3, smollm2, tiny
 
     script = _reference_lora_converter()
     if script is None:
-        pytest.skip("llama.cpp's convert_lora_to_gguf.py not found: extract vendor/llama.cpp of the llama-cpp-python "
-                    "sdist into .cache/llama.cpp (or set EDGEZH_LLAMA_CPP_CONVERT to its convert_hf_to_gguf.py)")
+        pytest.skip("llama.cpp's convert_lora_to_gguf.py not found: `make test` fetches it into .cache/llama.cpp "
+                    "(or set EDGEZH_LLAMA_CPP_CONVERT to its convert_hf_to_gguf.py)")
     if case == "quickstart":
         base, adapter = smollm2, request.getfixturevalue("quickstart_adapter")
     else:

@@ -448,8 +448,7 @@ def test_hf_to_gguf_name_is_the_one_name_map() -> None:
 
 def _reference_converter() -> Path | None:
     """llama.cpp's convert_hf_to_gguf.py with its gguf-py beside it: $EDGEZH_LLAMA_CPP_CONVERT, else
-    .cache/llama.cpp/ (e.g. vendor/llama.cpp of the llama-cpp-python sdist: `pip download
-    llama-cpp-python==0.3.36 --no-binary :all: --no-deps`)."""
+    .cache/llama.cpp/, which `make test` extracts from the installed llama-cpp-python's sdist."""
     candidates = [os.environ.get("EDGEZH_LLAMA_CPP_CONVERT"), ROOT / ".cache" / "llama.cpp" / "convert_hf_to_gguf.py"]
     for candidate in candidates:
         if candidate and Path(candidate).is_file() and (Path(candidate).parent / "gguf-py").is_dir():
@@ -462,7 +461,8 @@ def test_metadata_matches_llama_cpp_converter(tiny_f32, smol_f32, tiny_llama3, s
 
     script = _reference_converter()
     if script is None:
-        pytest.skip("llama.cpp's convert_hf_to_gguf.py not found (set EDGEZH_LLAMA_CPP_CONVERT)")
+        pytest.skip("llama.cpp's convert_hf_to_gguf.py not found: `make test` fetches it into .cache/llama.cpp "
+                    "(or set EDGEZH_LLAMA_CPP_CONVERT)")
     for fixture, (path, _), folder in (("tiny", tiny_f32, tiny_llama3), ("smol", smol_f32, smollm2)):
         out = tmp_path / f"{fixture}-reference.gguf"
         proc = subprocess.run([sys.executable, str(script), "--vocab-only", "--outtype", "f32", "--outfile", str(out),
