@@ -94,11 +94,12 @@ class _Reader:
 class Header:
     """A GGUF's header, read in one pass without gguf-py (arrays not asked for are skipped): `keys`, every
     key present; `values`, the values of the keys for which `keep(key, arch)` is true (`arch`: the value
-    of general.architecture once it has been read; general.alignment is always kept); with `tensors`,
+    of general.architecture once it has been read; general.alignment is always kept, and without `keep`
+    only it); with `tensors`,
     the tensor table as (name, ggml dims, ggml type name, data offset) and `end`, where the table ends.
     A corrupt header, or a tensor type gguf-py does not know, is a UserError naming the file."""
 
-    def __init__(self, path: Path, keep: Callable[[str, str | None], bool], *, tensors: bool = False):
+    def __init__(self, path: Path, keep: Callable[[str, str | None], bool] | None = None, *, tensors: bool = False):
         import gguf
 
         self.path = Path(path)
@@ -117,7 +118,7 @@ class Header:
             arch = None
             for _ in range(n_kv):
                 key = reader.string().decode("utf-8", "replace")
-                wanted = key == "general.alignment" or keep(key, arch)
+                wanted = key == "general.alignment" or (keep is not None and keep(key, arch))
                 value = reader.value(reader.unpack("<I"), wanted)
                 self.keys.add(key)
                 if key == "general.architecture":
@@ -130,11 +131,11 @@ class Header:
                     dims = [reader.unpack("<Q") for _ in range(reader.unpack("<I"))]
                     kind, offset = reader.unpack("<I"), reader.unpack("<Q")
                     try:
-                        kind_name = gguf.GGMLQuantizationType(kind).name
-                        gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)]
+                        ggml_type = gguf.GGMLQuantizationType(kind)
+                        gguf.GGML_QUANT_SIZES[ggml_type]  # a type whose size gguf-py knows
                     except (ValueError, KeyError):
                         raise UserError(f"{path}: corrupt GGUF (tensor {name} has unknown ggml type {kind})") from None
-                    self.tensors.append((name, dims, kind_name, offset))
+                    self.tensors.append((name, dims, ggml_type.name, offset))
                 self.end = handle.tell()
         self.alignment = int(self.values.get("general.alignment") or 32)
 

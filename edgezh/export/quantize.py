@@ -270,7 +270,7 @@ def dry_run_size(src: Path, qtype: str, threads: int | None = None, *,
     chosen: dict[str, str] = {}
     for m in _TENSOR_LINE.finditer("".join(text)):
         chosen[m.group(1)] = (m.group(3) or m.group(2)).upper()
-    table = Header(src, lambda key, arch: False, tensors=True)
+    table = Header(src, tensors=True)
     if len(chosen) != len(table.tensors) or any(name not in chosen for name, *_ in table.tensors):
         raise UserError(f"llama.cpp's dry run of {src.name} named {len(chosen)} of {len(table.tensors)} tensors; "
                         "cannot size it (its log format may have changed)")

@@ -172,18 +172,17 @@ class Sampler:
 
         logits = row_logits(ctx, row, self.n_vocab)
         self.penalties.apply(logits)
-        if self.grammar is None:
+        if self.grammar is None:  # samples and accepts the token into the chain
             token = llama_cpp.llama_sampler_sample(self.chain.sampler, ctx, row)
-            self.penalties.accept(token)
-            return token
-        token = self._apply(logits, grammar_first=False)
-        self._one[0].id, self._one[0].logit, self._one[0].p = token, 1.0, 0.0
-        single = llama_cpp.llama_token_data_array(self._one, 1, -1, False)
-        llama_cpp.llama_sampler_apply(self.grammar, ctypes.byref(single))
-        if not np.isfinite(self._one[0].logit):  # the grammar rejects it: filter everything, sample again
-            token = self._apply(logits, grammar_first=True)
-        llama_cpp.llama_sampler_accept(self.chain.sampler, token)
-        llama_cpp.llama_sampler_accept(self.grammar, token)
+        else:
+            token = self._apply(logits, grammar_first=False)
+            self._one[0].id, self._one[0].logit, self._one[0].p = token, 1.0, 0.0
+            single = llama_cpp.llama_token_data_array(self._one, 1, -1, False)
+            llama_cpp.llama_sampler_apply(self.grammar, ctypes.byref(single))
+            if not np.isfinite(self._one[0].logit):  # the grammar rejects it: filter everything, sample again
+                token = self._apply(logits, grammar_first=True)
+            llama_cpp.llama_sampler_accept(self.chain.sampler, token)
+            llama_cpp.llama_sampler_accept(self.grammar, token)
         self.penalties.accept(token)
         return token
 
